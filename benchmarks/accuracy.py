@@ -1,0 +1,128 @@
+"""Accuracy benchmark: train a preset from scratch with a fixed seed, evaluate it, append a row to the results.
+
+Every protocol runs on ``images_evaluation`` (alphabets never seen in training) or on Lake et al.'s
+official runs; model selection and calibration used held-out background alphabets only. Checkpoints
+saved after 5 and 10 minutes of training are scored on the official runs too (reporting only).
+
+    python benchmarks/accuracy.py --preset fast --data datasets --runs datasets/all_runs.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import siamese_omniglot as so
+from siamese_omniglot.data import fixed_pairs, sample_drawer_runs
+from siamese_omniglot.evaluate import embed_pixels, pair_logits
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+SNAPSHOT_MINUTES = (5, 10)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    evaluation: so.ImageSet,
+    runs: so.LakeRuns,
+    device: torch.device,
+    seed: int,
+    trials: int,
+    ways: tuple[int, int] = (20, 5),
+) -> dict:
+    """Every protocol of the results table for one checkpoint (``ways``: the two N-way settings)."""
+    verifier = so.Verifier.from_checkpoint(checkpoint, device)
+    model = verifier.model
+    embeddings = embed_pixels(model, evaluation.pixels, device)
+    pairs = fixed_pairs(evaluation, trials, seed, within_group=1.0)
+    verification = so.pair_metrics(pair_logits(model, embeddings, pairs), pairs.same, verifier.threshold)
+    drawer_runs = sample_drawer_runs(evaluation, max(1, trials // ways[0]), seed, way=ways[0])
+    return {
+        "lake_runs": so.lake_runs_accuracy(model, runs, device).to_dict(),
+        "drawer_runs": so.one_shot_accuracy(model, embeddings, drawer_runs).to_dict(),
+        **{
+            f"way{way}": so.one_shot_accuracy(model, embeddings, so.sample_episodes(evaluation, way, 1, trials, seed))
+            .to_dict()
+            for way in ways
+        },
+        "verification": verification.to_dict(),
+    }
+
+
+def _percent(result: dict) -> str:
+    return f"{result['accuracy']:.1%} ({result['ci_low']:.1%}–{result['ci_high']:.1%})"
+
+
+def results_row(report: dict) -> str:
+    """One Markdown table row of the results page."""
+    snapshots = ", ".join(f"{m} min: {a:.1%}" for m, a in report["snapshots"].items()) or "—"
+    v = report["verification"]
+    return (
+        f"| {report['date']} | `{report['preset']}` | {report['device']} | {report['train_minutes']:.1f} min "
+        f"| **{report['lake_runs']['accuracy']:.1%}** | {_percent(report['drawer_runs'])} "
+        f"| {_percent(report['way20'])} | {_percent(report['way5'])} | {v['roc_auc']:.4f} / {v['eer']:.1%} "
+        f"| {snapshots} | `{report['command']}` |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="fast", choices=sorted(so.PRESETS))
+    parser.add_argument("--data", default=None, help="Omniglot data root (default: $SIAMESE_DATA or ./datasets)")
+    parser.add_argument("--mirror", default=None, help="mirror for missing archives")
+    parser.add_argument("--runs", required=True, help="Lake's all_runs.zip")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=2000, help="sampled trials per one-shot protocol")
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
+    parser.add_argument("--out", default="logs/bench-accuracy", help="run folder (must be new)")
+    parser.add_argument("--results", default=str(RESULTS), help="Markdown file to append the row to ('' = none)")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    args = parser.parse_args()
+
+    device = so.resolve_device(args.device)
+    config = so.preset(args.preset, seed=args.seed, epochs=args.epochs, max_steps=args.max_steps)
+    images = so.load_training_set(args.data, args.mirror)
+    evaluation = so.load_evaluation_set(args.data, args.mirror)
+    runs = so.load_lake_runs(args.runs)
+    out = Path(args.out)
+    snapshots: dict[int, Path] = {}
+    started = time.perf_counter()
+
+    def on_progress(progress) -> None:
+        minutes = (time.perf_counter() - started) / 60
+        for mark in SNAPSHOT_MINUTES:
+            if minutes >= mark and mark not in snapshots:
+                snapshots[mark] = trainer.save_snapshot(out / f"after-{mark}-min.pt")
+
+    trainer = so.Trainer(config, images, out, device, on_progress=on_progress)
+    result = trainer.fit()
+    train_minutes = (time.perf_counter() - started) / 60
+    report = {
+        "date": date.today().isoformat(),
+        "preset": args.preset,
+        "device": f"{device} ({platform.processor() or platform.machine()}, torch {torch.__version__})",
+        "train_minutes": train_minutes,
+        "command": "python " + shlex.join(sys.argv),
+        **evaluate_checkpoint(result.best_checkpoint, evaluation, runs, device, args.seed, args.trials),
+        "snapshots": {
+            mark: so.lake_runs_accuracy(so.Verifier.from_checkpoint(path, device).model, runs, device).accuracy
+            for mark, path in snapshots.items()
+        },
+    }
+    if args.results:
+        with open(args.results, "a") as file:
+            file.write(results_row(report) + "\n")
+    print(json.dumps(report, indent=2) if args.json else results_row(report))
+
+
+if __name__ == "__main__":
+    main()

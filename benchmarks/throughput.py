@@ -1,0 +1,169 @@
+"""Throughput benchmark: training pairs/s of the device-resident pipeline, the model step alone, and a
+plain PIL + DataLoader pipeline with the same model.
+
+Pipeline efficiency = pipeline rate / model-only rate (100% means the data path costs nothing).
+Timing brackets whole blocks of steps with device synchronisation, after warm-up steps.
+
+    python benchmarks/throughput.py --preset fast --device cpu --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import siamese_omniglot as so
+from siamese_omniglot import devices
+from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
+
+
+def timed(step, count: int, device: torch.device) -> float:
+    """Seconds for ``count`` calls of ``step``, synchronised on the device at both ends."""
+    devices.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(count):
+        step()
+    devices.synchronize(device)
+    return time.perf_counter() - started
+
+
+def rate(trainer: so.Trainer, step, warmup: int, steps: int, repeats: int) -> float:
+    """Median images/s over ``repeats`` blocks of ``steps`` steps, after ``warmup`` steps."""
+    timed(step, warmup, trainer.device)
+    seconds = [timed(step, steps, trainer.device) for _ in range(repeats)]
+    return trainer.images_per_step * steps / statistics.median(seconds)
+
+
+def model_only_step(trainer: so.Trainer):
+    """One optimizer step on a batch already on the device and already distorted: the model's ceiling."""
+    generator = so.data.seeded_generator(0)
+    order = torch.randperm(len(trainer.train_set), generator=generator)
+    if trainer.classifier is not None:
+        index = order[: trainer.config.batch_size].to(trainer.device)
+        images, labels = trainer.batch(index, generator), trainer.labels[index]
+
+        def loss() -> torch.Tensor:
+            return F.cross_entropy(trainer.classifier(trainer.model.embed(images)).float(), labels)
+    else:
+        pairs = trainer.sampler.sample(trainer.config.batch_size, generator).to(trainer.device)
+        first, second = trainer.batch(torch.cat([pairs.first, pairs.second]), generator).chunk(2)
+
+        def loss() -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(trainer.model(first, second).float(), pairs.same.float())
+
+    return lambda: trainer.optimize(loss)
+
+
+class PngPairs(torch.utils.data.Dataset):
+    """The conventional pipeline: decode PNGs with PIL and distort them with torchvision, per item."""
+
+    def __init__(self, archive: Path, input_px: int, items: int) -> None:
+        from torchvision import transforms
+
+        self.archive, self.items = archive, items
+        with zipfile.ZipFile(archive) as source:
+            names = sorted(n for n in source.namelist() if n.endswith(".png"))
+        self.classes: dict[str, list[str]] = {}
+        for name in names:
+            self.classes.setdefault(name.rsplit("/", 1)[0], []).append(name)
+        self.keys = sorted(self.classes)
+        self.transform = transforms.Compose([
+            transforms.RandomAffine(10, translate=(0.02, 0.02), scale=(0.8, 1.2), shear=17),
+            transforms.Resize(input_px, antialias=True),
+            transforms.ToTensor(),
+        ])
+        self._zip: zipfile.ZipFile | None = None
+
+    def __len__(self) -> int:
+        return self.items
+
+    def _image(self, name: str) -> torch.Tensor:
+        if self._zip is None:  # one handle per worker process
+            self._zip = zipfile.ZipFile(self.archive)
+        with Image.open(io.BytesIO(self._zip.read(name))) as image:
+            return 1 - self.transform(image.convert("L"))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(index)
+        same = bool(index % 2)
+        first_class = self.keys[rng.integers(len(self.keys))]
+        second_class = first_class if same else self.keys[rng.integers(len(self.keys))]
+        first, second = rng.choice(self.classes[first_class]), rng.choice(self.classes[second_class])
+        return self._image(first), self._image(second), torch.tensor(float(first_class == second_class))
+
+
+def dataloader_rate(trainer: so.Trainer, archive: Path, workers: int, warmup: int, steps: int) -> float:
+    """Images/s of the pair objective fed by PIL + DataLoader (pairs per step = 2 × batch size)."""
+    pairs_per_step = 2 * trainer.config.batch_size
+    dataset = PngPairs(archive, trainer.model.config.input_px, pairs_per_step * (warmup + steps))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=pairs_per_step, num_workers=workers)
+    batches = iter(loader)
+
+    def step() -> None:
+        first, second, same = (t.to(trainer.device, non_blocking=True) for t in next(batches))
+        trainer.optimize(lambda: F.binary_cross_entropy_with_logits(trainer.model(first, second).float(), same))
+
+    timed(step, warmup, trainer.device)
+    return 2 * pairs_per_step * steps / timed(step, steps, trainer.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="fast", choices=sorted(so.PRESETS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help="items per step (default: the preset's)")
+    parser.add_argument("--data", default=None, help="Omniglot data root")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per block")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks (the median is reported)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
+    parser.add_argument("--no-dataloader", action="store_true", help="skip the PIL + DataLoader comparison")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    device = so.resolve_device(args.device)
+    config = so.preset(args.preset, batch_size=args.batch_size, amp=args.amp, augment=True)
+    images = so.load_training_set(args.data)
+    trainer = so.Trainer(config, images, "unused", device)
+    generator = so.data.seeded_generator(config.seed)
+    order = torch.randperm(len(trainer.train_set), generator=generator)
+    pipeline = rate(trainer, lambda: trainer.train_step(order, generator), args.warmup, args.steps, args.repeats)
+    model_only = rate(trainer, model_only_step(trainer), args.warmup, args.steps, args.repeats)
+    report = {
+        "preset": config.preset,
+        "objective": config.objective,
+        "device": str(device),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "amp": trainer.amp,
+        "batch_size": config.batch_size,
+        "images_per_step": trainer.images_per_step,
+        "pipeline_images_per_s": pipeline,
+        "pipeline_pairs_per_s": pipeline / 2,
+        "model_only_images_per_s": model_only,
+        "pipeline_efficiency": pipeline / model_only,
+    }
+    archive = find_split(data_root(args.data), BACKGROUND)
+    if not args.no_dataloader and archive is not None and archive.suffix == ".zip" and config.objective == "pair":
+        loader = dataloader_rate(trainer, archive, args.workers, args.warmup, args.steps)
+        report |= {"dataloader_images_per_s": loader, "dataloader_pairs_per_s": loader / 2, "workers": args.workers}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        print(f"{key:>26}: {value:,.3f}" if isinstance(value, float) else f"{key:>26}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Checkpoints: atomic saves and safe loads (``torch.load(weights_only=True)``: no code ever runs).
+
+A checkpoint is a dict of tensors and plain values::
+
+    format_version  int
+    model_config    ModelConfig as a dict
+    model           state dict of the SiameseNetwork
+    threshold       calibrated decision threshold on the score (sigmoid of the logit)
+    preprocessing   how images are turned into model input
+    train_config    TrainConfig as a dict
+    training        optimizer / scheduler / scaler / sampler states, epoch and step (for --resume)
+    metrics         the last validation metrics
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+PREPROCESSING = {
+    "canvas_px": 105,
+    "ink": "1 - gray / 255 (strokes = 1, paper = 0)",
+    "fit": "pad to square on white, bilinear resize to the canvas, then area-resize to the model's input",
+}
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format_version": FORMAT_VERSION, "preprocessing": PREPROCESSING} | state
+    tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with tmp:
+            torch.save(state, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, path)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; refuses pickled code, other formats and newer versions."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # the weights-only unpickler names the class or function it met ("Unsupported global: …"): code, not data
+        found = [line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()]
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: it holds objects other than tensors and plain values ({found[0]})"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
+    except Exception as error:  # truncated, empty, text, foreign formats: torch raises many types
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
+    required = {"format_version", "model", "model_config", "threshold"}
+    if not isinstance(state, dict) or not required <= state.keys():
+        raise CheckpointError(f"{path}: not a siamese-omniglot checkpoint (needs {', '.join(sorted(required))})")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state['format_version']} is newer than this version reads "
+            f"({FORMAT_VERSION}); upgrade siamese-omniglot"
+        )
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    return next(iter(str(error).splitlines()), type(error).__name__)

@@ -1,0 +1,265 @@
+"""The ``siamese`` command line: a thin shell over the library that parses options and prints with Rich.
+
+Results go to standard output; progress, warnings and errors to standard error. Any expected failure
+(bad path, bad data, bad checkpoint, unknown device) prints one ``error:`` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import devices
+from .config import PRESETS, preset
+from .data.episodes import load_lake_runs, sample_episodes
+from .data.omniglot import MIRROR_ENV, load_evaluation_set, load_training_set
+from .data.pairs import fixed_pairs
+from .errors import ConfigError, SiameseError
+from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
+
+app = typer.Typer(
+    name="siamese",
+    help="One-shot handwritten-character verification with Siamese networks (Omniglot; SDAA, CUDA or CPU).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+log = logging.getLogger("siamese_omniglot")
+
+DataOption = Annotated[
+    Path | None,
+    typer.Option("--data", help="Data root: Omniglot archives or folders, or a custom <group>/<class>/<image> "
+                 "tree \\[default: $SIAMESE_DATA, else ./datasets]"),
+]
+MirrorOption = Annotated[
+    str | None,
+    typer.Option("--mirror", help=f"Base URL or local folder holding images_background.zip and "
+                 f"images_evaluation.zip, used when they are missing \\[default: ${MIRROR_ENV}]"),
+]
+DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {devices.DEVICE_SPEC_HELP}")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")]
+
+
+@contextlib.contextmanager
+def _errors_as_exit() -> Iterator[None]:
+    """Turn the library's expected failures into one stderr line and exit code 2."""
+    try:
+        yield
+    except SiameseError as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; checkpoints already written are intact", highlight=False)
+        raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[callable]:
+    """A progress callback ``(what, done, total)``: a Rich bar on a terminal, nothing otherwise."""
+    if not err.is_terminal:
+        yield lambda what, done, total: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = progress.add_task(what, total=total or None)
+            progress.update(tasks[what], completed=done)
+
+        yield update
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+
+
+@app.command()
+def train(
+    preset_name: Annotated[
+        str | None, typer.Option("--preset", help=f"Training preset: {', '.join(PRESETS)} \\[default: fast]")
+    ] = None,
+    data: DataOption = None,
+    mirror: MirrorOption = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder \\[default: logs/<timestamp>]")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs \\[default: preset's]")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Items per step (pair objective: 1 item = 2 pairs)")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate for a batch of 64 (scaled linearly)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed \\[default: preset's]")] = None,
+    device: DeviceOption = "auto",
+    amp: Annotated[
+        bool | None, typer.Option("--amp/--no-amp", help="Mixed precision \\[default: on for sdaa/cuda, off on cpu]")
+    ] = None,
+    pretrained: Annotated[
+        bool | None, typer.Option("--pretrained", help="vgg16 only: start from ImageNet weights (needs internet)")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the run of this last.pt with its own settings (only --epochs "
+                     "and --max-steps may change)"),
+    ] = None,
+) -> None:
+    """Train a Siamese network on Omniglot's background alphabets (or a custom tree)."""
+    from .train import Trainer, check_run_dir, default_out_dir, resume_config
+
+    _setup_logging()
+    with _errors_as_exit():
+        torch_device = devices.resolve_device(device)
+        if resume is None:
+            settings = dict(batch_size=batch_size, lr=lr, seed=seed, amp=amp, pretrained=pretrained)
+            config = preset(preset_name or "fast", epochs=epochs, max_steps=max_steps, **settings)
+            run_dir = out_dir or default_out_dir()
+            check_run_dir(run_dir)
+        else:
+            fixed = {"--preset": preset_name, "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--amp": amp,
+                     "--pretrained": pretrained}
+            given = [name for name, value in fixed.items() if value is not None]
+            if given:
+                raise ConfigError(f"--resume continues with the checkpoint's settings; drop {', '.join(given)}")
+            config = resume_config(resume, epochs=epochs, max_steps=max_steps)
+            run_dir = out_dir or resume.parent
+        with _progress_bar() as update:
+            images = load_training_set(data, mirror, progress=update)
+        err.print(f"training preset {config.preset} on {torch_device} → {run_dir}", markup=False, highlight=False)
+        with _training_display() as (on_progress, on_epoch):
+            trainer = Trainer(config, images, run_dir, torch_device, on_progress=on_progress, on_epoch=on_epoch)
+            result = trainer.fit(resume=resume)
+    best = max(result.history, key=lambda m: m.val_roc_auc)
+    out.print(f"best checkpoint: {result.best_checkpoint} (val ROC AUC {best.val_roc_auc:.4f}, "
+              f"val accuracy {best.val_accuracy:.4f} at threshold {best.threshold:.3f})", markup=False, highlight=False)
+    out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def _training_display():
+    """Callbacks for the Trainer: a live bar with loss, pairs/s and ETA on a terminal, plain lines otherwise."""
+    from .train import EpochMetrics
+    from .train import Progress as TrainProgress
+
+    def epoch_line(m: EpochMetrics) -> str:
+        return (f"epoch {m.epoch} step {m.step}: train loss {m.train_loss:.4f}, val loss {m.val_loss:.4f}, "
+                f"val accuracy {m.val_accuracy:.4f}, val ROC AUC {m.val_roc_auc:.4f}, {m.pairs_per_s:,.0f} pairs/s")
+
+    if not err.is_terminal:
+        def plain(p: TrainProgress) -> None:
+            err.print(f"step {p.step}/{p.total_steps} epoch {p.epoch + 1}: loss {p.loss:.4f}, lr {p.lr:.3g}, "
+                      f"{p.pairs_per_s:,.0f} pairs/s, {p.images_per_s:,.0f} images/s", highlight=False)
+
+        yield plain, lambda m: err.print(epoch_line(m), highlight=False)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("training", total=None, status="")
+
+        def live(p: TrainProgress) -> None:
+            progress.update(task, total=p.total_steps, completed=p.step,
+                            status=f"loss {p.loss:.4f} · {p.pairs_per_s:,.0f} pairs/s")
+
+        yield live, lambda m: progress.console.print(epoch_line(m), highlight=False)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (best.pt or last.pt of a run)")],
+    data: DataOption = None,
+    mirror: MirrorOption = None,
+    runs: Annotated[
+        Path | None, typer.Option("--runs", help="Lake's all_runs.zip (or a folder in its layout) to score")
+    ] = None,
+    way: Annotated[int, typer.Option("--way", min=2, help="Candidates per one-shot trial")] = 20,
+    shot: Annotated[int, typer.Option("--shot", min=1, help="Support images per candidate")] = 1,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="One-shot trials to sample")] = 400,
+    pairs: Annotated[int, typer.Option("--pairs", min=10, help="Same and different verification pairs each")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled trials and pairs")] = 0,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate on alphabets never seen in training: verification and N-way K-shot one-shot accuracy."""
+    from .verify import Verifier
+
+    _setup_logging()
+    with _errors_as_exit():
+        verifier = Verifier.from_checkpoint(checkpoint, device)
+        with _progress_bar() as update:
+            images = load_evaluation_set(data, mirror, progress=update)
+        lake = load_lake_runs(runs) if runs is not None else None
+        embeddings = embed_pixels(verifier.model, images.pixels, verifier.device)
+        pair_list = fixed_pairs(images, pairs, seed, within_group=1.0)
+        verification = pair_metrics(pair_logits(verifier.model, embeddings, pair_list), pair_list.same,
+                                    verifier.threshold)
+        episodes = one_shot_accuracy(verifier.model, embeddings, sample_episodes(images, way, shot, trials, seed))
+        official = lake_runs_accuracy(verifier.model, lake, verifier.device) if lake is not None else None
+    report = {
+        "checkpoint": str(checkpoint),
+        "verification": verification.to_dict() | {"negatives": "same alphabet"},
+        "one_shot": episodes.to_dict() | {"seed": seed},
+        "lake_runs": official.to_dict() if official else None,
+    }
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    where = f"{images.num_classes} classes in {len(images.group_names)} groups"
+    table = Table(title=f"{escape(str(checkpoint))} on {where}")
+    for column in ("protocol", "trials", "accuracy", "95% interval / other"):
+        table.add_column(column)
+    table.add_row(
+        f"verification pairs (threshold {verification.threshold:.3f})", str(verification.pairs),
+        f"{verification.accuracy:.2%}", f"ROC AUC {verification.roc_auc:.4f}, EER {verification.eer:.2%}",
+    )
+    for result in filter(None, (episodes, official)):
+        table.add_row(
+            f"{result.protocol}, {result.way}-way {result.shot}-shot", str(result.trials),
+            f"{result.accuracy:.2%}", f"{result.ci_low:.2%} – {result.ci_high:.2%}",
+        )
+    out.print(table)
+
+
+@app.command()
+def compare(
+    first: Annotated[Path, typer.Argument(help="First image (any format and size Pillow reads)")],
+    second: Annotated[Path, typer.Argument(help="Second image")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt)")],
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Say whether two images show the same character: score, SAME/DIFFERENT and the threshold."""
+    from .verify import Verifier
+
+    _setup_logging()
+    with _errors_as_exit():
+        verifier = Verifier.from_checkpoint(checkpoint, device)
+        result = verifier.compare(first, second)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    verdict = "[green]SAME[/green]" if result.same else "[yellow]DIFFERENT[/yellow]"
+    out.print(f"{verdict}  score {result.score:.4f}  (threshold {result.threshold:.4f})", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,45 @@
+"""Batched affine distortions for handwriting (Koch et al. 2015), run on whatever device holds the batch.
+
+No flips: a mirrored character is often another character.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_affine(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    rotate_deg: float = 10.0,
+    shear: float = 0.3,
+    scale: tuple[float, float] = (0.8, 1.2),
+    shift_px: float = 2.0,
+) -> torch.Tensor:
+    """Distort ink images [N, 1, H, W] with one random affine map each (rotation, shear, scale, shift).
+
+    Random numbers come from the CPU ``generator`` so runs are reproducible on any device; shifts are
+    given in pixels of a 105-pixel canvas and scaled to the batch's size.
+    """
+    n = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = uniform(-rotate_deg, rotate_deg) * (math.pi / 180)
+    shear_x, shear_y = uniform(-shear, shear), uniform(-shear, shear)
+    scale_x, scale_y = uniform(*scale), uniform(*scale)
+    shift = 2 * shift_px / 105  # normalised coordinates span 2 across the image
+    shift_x, shift_y = uniform(-shift, shift), uniform(-shift, shift)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    shearing = torch.stack([torch.stack([torch.ones(n), shear_x], 1), torch.stack([shear_y, torch.ones(n)], 1)], 1)
+    scaling = torch.diag_embed(torch.stack([1 / scale_x, 1 / scale_y], 1))  # grid maps output → input
+    linear = rotation @ shearing @ scaling
+    theta = torch.cat([linear, torch.stack([shift_x, shift_y], 1).unsqueeze(2)], 2)
+    theta = theta.to(device=images.device, dtype=images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,91 @@
+"""Image trees on disk: ``<group>/<class>/<image>`` or ``<class>/<image>``, decoded into an ImageSet."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet, decode_image
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """Where each image of a tree is, grouped into classes and groups (names sorted)."""
+
+    paths: tuple[str, ...]  # relative POSIX paths, sorted by group, class, file name
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+    class_groups: tuple[int, ...]
+    group_names: tuple[str, ...]
+
+
+def index_paths(paths: Sequence[str], source: str) -> ImageIndex:
+    """Group relative image paths into classes and groups.
+
+    ``source`` names the tree in error messages. Paths must all be ``group/class/file`` or all
+    ``class/file``; in the second form every class belongs to one group named after the source.
+    """
+    images = sorted(p for p in paths if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES)
+    images = [p for p in images if not any(part.startswith(".") for part in PurePosixPath(p).parts)]
+    if not images:
+        raise DataError(f"{source}: no images found (expected <group>/<class>/<image> or <class>/<image>)")
+    depths = {len(PurePosixPath(p).parts) for p in images}
+    if depths not in ({2}, {3}):
+        raise DataError(
+            f"{source}: mixed or unexpected folder depths {sorted(depths)}; "
+            "expected every image at <group>/<class>/<image> or every image at <class>/<image>"
+        )
+    classes: dict[tuple[str, str], list[str]] = {}
+    for path in images:
+        parts = PurePosixPath(path).parts
+        group, name = (parts[0], parts[1]) if len(parts) == 3 else (PurePosixPath(source).name, parts[0])
+        classes.setdefault((group, name), []).append(path)
+    if len(classes) < 2:
+        raise DataError(f"{source}: found {len(classes)} class; at least 2 classes are needed")
+    small = [f"{g}/{c}" for (g, c), files in classes.items() if len(files) < 2]
+    if small:
+        shown = ", ".join(small[:5]) + (" …" if len(small) > 5 else "")
+        raise DataError(f"{source}: {len(small)} class(es) have fewer than 2 images: {shown}")
+    group_names = tuple(sorted({g for g, _ in classes}))
+    group_ids = {g: i for i, g in enumerate(group_names)}
+    ordered = sorted(classes)
+    paths_out: list[str] = []
+    labels: list[int] = []
+    for label, key in enumerate(ordered):
+        paths_out += classes[key]
+        labels += [label] * len(classes[key])
+    return ImageIndex(
+        paths=tuple(paths_out),
+        labels=tuple(labels),
+        class_names=tuple(f"{g}/{c}" for g, c in ordered),
+        class_groups=tuple(group_ids[g] for g, _ in ordered),
+        group_names=group_names,
+    )
+
+
+def decode_index(
+    index: ImageIndex, read: Callable[[str], bytes], progress: ProgressFn | None = None
+) -> ImageSet:
+    """Decode every image of ``index`` once, reading bytes with ``read(relative_path)``."""
+    pixels = np.empty((len(index.paths), CANVAS_PX, CANVAS_PX), dtype=np.uint8)
+    for i, path in enumerate(index.paths):
+        pixels[i] = decode_image(read(path), path)
+        if progress is not None and (i % 500 == 0 or i + 1 == len(index.paths)):
+            progress(i + 1, len(index.paths))
+    return ImageSet(
+        pixels=torch.from_numpy(pixels),
+        labels=torch.tensor(index.labels, dtype=torch.int64),
+        class_names=index.class_names,
+        class_groups=torch.tensor(index.class_groups, dtype=torch.int64),
+        group_names=index.group_names,
+    )

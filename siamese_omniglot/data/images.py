@@ -1,0 +1,136 @@
+"""Decoded image collections and single-image decoding.
+
+Every image, from Omniglot or a user's folder, is decoded once into an 8-bit grayscale array of
+``CANVAS_PX`` × ``CANVAS_PX`` pixels (Omniglot's native 105 × 105). Models take "ink" images:
+float tensors in [0, 1] where 1 is a stroke and 0 the paper, so zero padding is blank paper.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DataError
+
+CANVAS_PX = 105
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_IMAGE_PIXELS = 64_000_000  # far above any handwriting scan; refuses decompression bombs
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images decoded once, grouped into classes, and classes into groups (Omniglot's alphabets).
+
+    Images are sorted by class and classes by group, so each class and each group is a contiguous range.
+    """
+
+    pixels: torch.Tensor  # uint8 [N, H, W], 255 = paper
+    labels: torch.Tensor  # int64 [N], class index of each image
+    class_names: tuple[str, ...]
+    class_groups: torch.Tensor  # int64 [C], group index of each class
+    group_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset_classes(self, classes: torch.Tensor) -> ImageSet:
+        """The images of the given classes (sorted indices), relabelled 0..len(classes)-1."""
+        classes = torch.as_tensor(classes, dtype=torch.int64).sort().values
+        remap = torch.full((self.num_classes,), -1, dtype=torch.int64)
+        remap[classes] = torch.arange(classes.numel())
+        keep = remap[self.labels] >= 0
+        groups_used = self.class_groups[classes].unique()
+        group_remap = torch.full((len(self.group_names),), -1, dtype=torch.int64)
+        group_remap[groups_used] = torch.arange(groups_used.numel())
+        return ImageSet(
+            pixels=self.pixels[keep],
+            labels=remap[self.labels[keep]],
+            class_names=tuple(self.class_names[i] for i in classes.tolist()),
+            class_groups=group_remap[self.class_groups[classes]],
+            group_names=tuple(self.group_names[i] for i in groups_used.tolist()),
+        )
+
+    def class_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First image index and image count of every class."""
+        counts = torch.bincount(self.labels, minlength=self.num_classes)
+        return torch.cumsum(counts, 0) - counts, counts
+
+    def group_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First class index and class count of every group."""
+        counts = torch.bincount(self.class_groups, minlength=len(self.group_names))
+        return torch.cumsum(counts, 0) - counts, counts
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode one image file's bytes into a uint8 ``CANVAS_PX``² grayscale array (255 = paper).
+
+    Any mode is accepted: transparency is composited on white, EXIF rotation is applied, and
+    images of other sizes are fitted onto the canvas keeping their aspect ratio.
+    """
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                gray = _to_gray(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{name}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{name}: not a readable image ({error})") from None
+    return fit_to_canvas(gray)
+
+
+def fit_to_canvas(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A grayscale image (PIL or uint8 array, 255 = paper) padded to square on white and resized to the canvas."""
+    gray = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if gray.size != (CANVAS_PX, CANVAS_PX):
+        gray = ImageOps.pad(gray, (CANVAS_PX, CANVAS_PX), method=Image.BILINEAR, color=255)
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def _to_gray(image: Image.Image) -> Image.Image:
+    if image.mode in ("1", "L"):
+        return image.convert("L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow < 10.3 opens 16-bit grayscale PNGs as mode I (0..65535); wider I data is scaled by its maximum
+        high = 65535 if image.mode != "I" else max(65535, image.getextrema()[1])
+        return image.point(lambda value: value * (255 / high)).convert("L")
+    if image.mode == "F":
+        return image.convert("L")
+    rgba = image.convert("RGBA")
+    paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(paper, rgba).convert("L")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read and decode one image file (see :func:`decode_image`)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an image file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    if not data:
+        raise DataError(f"{path}: empty file")
+    return decode_image(data, str(path))
+
+
+def to_ink(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [N, H, W] (255 = paper) → float ink [N, 1, H, W] in [0, 1] (1 = stroke)."""
+    return (255 - pixels).unsqueeze(1).float().div_(255)

@@ -1,0 +1,346 @@
+"""Omniglot on disk: find it, download it, check it, and decode it once into a cached array.
+
+The data root (``--data``, else ``$SIAMESE_DATA``, else ``./datasets``) may hold the official archives
+``images_background.zip`` / ``images_evaluation.zip``, their extracted folders, the reference's
+``image_background/`` spelling, or torchvision's ``omniglot-py/`` folder. Archives are read in place,
+never extracted. Missing archives are downloaded from the official repository or from a mirror
+(``--mirror`` / ``$SIAMESE_OMNIGLOT_MIRROR``: a base URL or a local folder holding the same file names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .folders import ImageIndex, decode_index, index_paths
+from .images import CANVAS_PX, ImageSet
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+DATA_ENV = "SIAMESE_DATA"
+MIRROR_ENV = "SIAMESE_OMNIGLOT_MIRROR"
+DEFAULT_ROOT = "datasets"
+CACHE_DIR = ".siamese-cache"
+CACHE_VERSION = 1
+
+ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One of Omniglot's two archives and the contents it must have."""
+
+    name: str
+    md5: str
+    alphabets: int
+    characters: int
+    images: int
+
+    @property
+    def archive(self) -> str:
+        """The archive's file name."""
+        return f"{self.name}.zip"
+
+
+BACKGROUND = Split("images_background", "68d2efa1b9178cc56df9314c21c6e718", 30, 964, 19280)
+EVALUATION = Split("images_evaluation", "6b91aef0f799c5bb55b94e3f2daec811", 20, 659, 13180)
+SPLITS = {"background": BACKGROUND, "evaluation": EVALUATION}
+
+
+def data_root(data: str | Path | None = None) -> Path:
+    """The data root: ``data`` if given, else ``$SIAMESE_DATA``, else ``./datasets``."""
+    return Path(data or os.environ.get(DATA_ENV) or DEFAULT_ROOT).expanduser()
+
+
+def mirror_source(mirror: str | None = None) -> str | None:
+    """The mirror to download from: ``mirror`` if given, else ``$SIAMESE_OMNIGLOT_MIRROR``, else None."""
+    return mirror or os.environ.get(MIRROR_ENV) or None
+
+
+# --- sources: a zip archive or a folder, listed and read by relative path --------------------------
+
+
+class _ZipSource:
+    def __init__(self, path: Path, top: str | None) -> None:
+        self.path = path
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise DataError(f"{path}: not a readable zip archive ({error}); delete it and retry") from None
+        self._names: dict[str, str] = {}
+        for info in self._zip.infolist():
+            name = info.filename
+            parts = PurePosixPath(name).parts
+            if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
+                raise DataError(f"{path}: refusing unsafe archive entry {name!r}")
+            if info.is_dir():
+                continue
+            if top is not None and parts and parts[0] == top:
+                parts = parts[1:]
+            self._names["/".join(parts)] = name
+
+    def list(self) -> list[str]:
+        return list(self._names)
+
+    def read(self, relative: str) -> bytes:
+        try:
+            return self._zip.read(self._names[relative])
+        except (zipfile.BadZipFile, OSError, KeyError) as error:
+            raise DataError(f"{self.path}: entry {relative!r} is unreadable ({error})") from None
+
+    def fingerprint(self) -> str:
+        return _file_digest(self.path, "sha256")
+
+
+class _FolderSource:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def list(self) -> list[str]:
+        files = (p.relative_to(self.path) for p in self.path.rglob("*") if p.is_file())
+        return [f.as_posix() for f in files if not any(part.startswith(".") for part in f.parts)]
+
+    def read(self, relative: str) -> bytes:
+        try:
+            return (self.path / relative).read_bytes()
+        except OSError as error:
+            raise DataError(f"{self.path / relative}: cannot read ({error.strerror})") from None
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for relative in sorted(self.list()):
+            stat = (self.path / relative).stat()
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- finding and fetching -------------------------------------------------------------------------
+
+
+def find_split(root: Path, split: Split) -> Path | None:
+    """The archive or folder of ``split`` under ``root``, or None when absent."""
+    reference_spelling = split.name.replace("images_", "image_")
+    for base in (root, root / "omniglot-py"):
+        for candidate in (base / split.archive, base / split.name, base / reference_spelling):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def fetch_archive(
+    filename: str, root: Path, mirror: str | None = None, progress: ProgressFn | None = None
+) -> Path:
+    """Download ``filename`` from the mirror (or the official repository) into ``root``, atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / filename
+    source = mirror_source(mirror)
+    with tempfile.NamedTemporaryFile(dir=root, prefix=f".{filename}.", suffix=".part", delete=False) as tmp:
+        try:
+            if source and urllib.parse.urlparse(source).scheme not in ("http", "https", "ftp"):
+                local = Path(urllib.parse.urlparse(source).path if source.startswith("file:") else source)
+                if not (local / filename).is_file():
+                    raise DataError(f"mirror {local} has no {filename}")
+                with open(local / filename, "rb") as file:
+                    _copy_stream(file, tmp, (local / filename).stat().st_size, filename, progress)
+            else:
+                url = f"{(source or OFFICIAL_BASE_URL).rstrip('/')}/{filename}"
+                log.info("downloading %s", url)
+                try:
+                    with urllib.request.urlopen(url, timeout=60) as response:
+                        size = int(response.headers.get("Content-Length") or 0)
+                        _copy_stream(response, tmp, size, filename, progress)
+                except (urllib.error.URLError, OSError) as error:
+                    raise DataError(
+                        f"cannot download {url} ({getattr(error, 'reason', error)}); "
+                        f"put {filename} in {root} or name a mirror with --mirror or ${MIRROR_ENV}"
+                    ) from None
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, target)
+    return target
+
+
+def _copy_stream(source, sink, total: int, what: str, progress: ProgressFn | None) -> None:
+    done = 0
+    for block in iter(lambda: source.read(1 << 20), b""):
+        sink.write(block)
+        done += len(block)
+        if progress is not None:
+            progress(f"download {what}", done, total)
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def load_split(
+    split: str | Split = "background",
+    data: str | Path | None = None,
+    mirror: str | None = None,
+    download: bool = True,
+    progress: ProgressFn | None = None,
+) -> ImageSet:
+    """Load one Omniglot split (``background`` or ``evaluation``), fetching it when missing.
+
+    Alphabets become the groups and characters the classes of the returned ImageSet.
+    """
+    split = SPLITS[split] if isinstance(split, str) else split
+    root = data_root(data)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: is a file; --data must name a folder")
+    location = find_split(root, split)
+    downloaded = location is None
+    if downloaded:
+        if not download:
+            raise DataError(f"{root}: no {split.archive} or {split.name}/ found")
+        location = fetch_archive(split.archive, root, mirror, progress)
+    try:
+        if location.is_dir():
+            inner = location / split.name
+            source = _FolderSource(inner if inner.is_dir() else location)
+        else:
+            source = _ZipSource(location, top=split.name)
+        return _load_cached(source, root, split.name, progress, check=split)
+    except DataError:
+        if downloaded:  # never leave a bad download behind as if it were the data set
+            location.unlink(missing_ok=True)
+        raise
+
+
+def load_folder(path: str | Path, progress: ProgressFn | None = None) -> ImageSet:
+    """Load a custom tree ``<group>/<class>/<image>`` or ``<class>/<image>`` (cached beside it)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder")
+    return _load_cached(_FolderSource(path), path, "folder", progress, check=None)
+
+
+def looks_like_omniglot(root: Path) -> bool:
+    """Whether ``root`` holds (or should receive) Omniglot rather than a custom image tree."""
+    if not root.is_dir() or find_split(root, BACKGROUND) or find_split(root, EVALUATION):
+        return True
+    return not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+
+
+def load_training_set(
+    data: str | Path | None = None, mirror: str | None = None, progress: ProgressFn | None = None
+) -> ImageSet:
+    """Images to train on: Omniglot's background split, or the custom tree at the data root."""
+    root = data_root(data)
+    if looks_like_omniglot(root):
+        return load_split(BACKGROUND, root, mirror, progress=progress)
+    return load_folder(root, progress)
+
+
+def load_evaluation_set(
+    data: str | Path | None = None, mirror: str | None = None, progress: ProgressFn | None = None
+) -> ImageSet:
+    """Images never seen in training: Omniglot's evaluation split, or the custom tree at the data root."""
+    root = data_root(data)
+    if looks_like_omniglot(root):
+        return load_split(EVALUATION, root, mirror, progress=progress)
+    return load_folder(root, progress)
+
+
+def _load_cached(source, root: Path, name: str, progress: ProgressFn | None, check: Split | None) -> ImageSet:
+    key = source.fingerprint()[:20]
+    cache = root / CACHE_DIR / f"{name}-v{CACHE_VERSION}-{key}.npz"
+    if cache.is_file():
+        try:
+            return _read_cache(cache)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            log.warning("ignoring unreadable cache %s", cache)
+    index = index_paths(source.list(), str(source.path))
+    if check is not None:
+        _check_contents(source, index, check)
+    images = decode_index(index, source.read, (lambda d, t: progress(f"decode {name}", d, t)) if progress else None)
+    try:
+        _write_cache(cache, images)
+    except OSError as error:
+        log.warning("cannot write cache %s (%s); images will be decoded again next time", cache, error.strerror)
+    return images
+
+
+def _check_contents(source, index: ImageIndex, split: Split) -> None:
+    found = (len(index.group_names), len(index.class_names), len(index.paths))
+    expected = (split.alphabets, split.characters, split.images)
+    if isinstance(source, _ZipSource) and _file_digest(source.path, "md5") == split.md5:
+        return
+    if found != expected:
+        raise DataError(
+            f"{source.path}: has {found[0]} alphabets / {found[1]} characters / {found[2]} images, "
+            f"expected {expected[0]} / {expected[1]} / {expected[2]} for {split.name}; "
+            "delete it to download it again"
+        )
+    if isinstance(source, _ZipSource):
+        log.warning(
+            "%s is not byte-identical to the official archive, but its contents check out "
+            "(%d alphabets, %d characters, %d images)", source.path, *found,
+        )
+
+
+def _write_cache(cache: Path, images: ImageSet) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    pixels = images.pixels.numpy()
+    binary = bool(((pixels == 0) | (pixels == 255)).all())
+    with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as tmp:
+        np.savez(
+            tmp,
+            pixels=np.packbits(pixels == 255) if binary else pixels,
+            binary=np.array(binary),
+            shape=np.array(pixels.shape),
+            labels=images.labels.numpy(),
+            class_names=np.array(images.class_names),
+            class_groups=images.class_groups.numpy(),
+            group_names=np.array(images.group_names),
+        )
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, cache)
+
+
+def _read_cache(cache: Path) -> ImageSet:
+    with np.load(cache, allow_pickle=False) as stored:
+        shape = tuple(int(s) for s in stored["shape"])
+        if shape[1:] != (CANVAS_PX, CANVAS_PX):
+            raise ValueError("canvas size changed")
+        if bool(stored["binary"]):
+            bits = np.unpackbits(stored["pixels"], count=int(np.prod(shape))).reshape(shape)
+            pixels = bits * np.uint8(255)
+        else:
+            pixels = stored["pixels"]
+        return ImageSet(
+            pixels=torch.from_numpy(np.ascontiguousarray(pixels)),
+            labels=torch.from_numpy(stored["labels"]),
+            class_names=tuple(str(s) for s in stored["class_names"]),
+            class_groups=torch.from_numpy(stored["class_groups"]),
+            group_names=tuple(str(s) for s in stored["group_names"]),
+        )
+

@@ -1,0 +1,116 @@
+"""Splits of an ImageSet and balanced same/different pair sampling, vectorised and seeded.
+
+Validation holds out whole groups (Omniglot alphabets), so model selection and threshold calibration
+only ever see characters that training never saw. Pair sampling draws every class with equal
+probability (the reference never drew its last class), and negatives come from the same alphabet
+with probability ``within_group`` (Lake's harder within-alphabet task) or from anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DataError
+from .images import ImageSet
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on ``keys`` (for example seed, epoch, rank)."""
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + int(key) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Index pairs into one ImageSet: ``first[i]`` and ``second[i]`` show the same class iff ``same[i]``."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    same: torch.Tensor  # bool
+
+    def __len__(self) -> int:
+        return int(self.same.numel())
+
+    def to(self, device: torch.device) -> Pairs:
+        """The same pairs with their index tensors on ``device``."""
+        return Pairs(self.first.to(device), self.second.to(device), self.same.to(device))
+
+
+def split_validation(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split into (train, validation) by holding out a seeded ``fraction`` of groups.
+
+    A set with a single group (``<class>/<image>`` trees) holds out classes instead. Each side keeps at
+    least two classes.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
+    generator = seeded_generator(seed, 7)
+    num_groups = len(images.group_names)
+    if num_groups >= 4:
+        held_groups = torch.randperm(num_groups, generator=generator)[: max(1, round(fraction * num_groups))]
+        held = torch.isin(images.class_groups, held_groups)
+    else:
+        order = torch.randperm(images.num_classes, generator=generator)
+        held = torch.zeros(images.num_classes, dtype=torch.bool)
+        held[order[: max(2, round(fraction * images.num_classes))]] = True
+    classes = torch.arange(images.num_classes)
+    train, val = classes[~held], classes[held]
+    if train.numel() < 2 or val.numel() < 2:
+        raise DataError(
+            f"{images.num_classes} classes are too few to hold out validation classes: "
+            "training needs at least 4 classes (2 to train on, 2 to validate)"
+        )
+    return images.subset_classes(train), images.subset_classes(val)
+
+
+class PairSampler:
+    """Balanced same/different pairs over an ImageSet, deterministic in (seed, epoch, rank)."""
+
+    def __init__(self, images: ImageSet, within_group: float = 0.5) -> None:
+        if not 0 <= within_group <= 1:
+            raise DataError(f"within-alphabet negative probability must be in [0, 1], got {within_group}")
+        self.within_group = within_group
+        self.class_start, self.class_count = images.class_ranges()
+        self.group_start, self.group_count = images.group_ranges()
+        self.class_groups = images.class_groups
+        self.num_classes = images.num_classes
+
+    def sample(self, count: int, generator: torch.Generator) -> Pairs:
+        """``count`` same pairs followed by ``count`` different pairs."""
+        classes = torch.randint(self.num_classes, (count,), generator=generator)
+        a, b = self._two_images(classes, generator)
+        other = self._other_classes(classes, generator)
+        c = self._one_image(classes, generator)
+        d = self._one_image(other, generator)
+        same = torch.cat([torch.ones(count, dtype=torch.bool), torch.zeros(count, dtype=torch.bool)])
+        return Pairs(torch.cat([a, c]), torch.cat([b, d]), same)
+
+    def _one_image(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        offsets = (torch.rand(classes.shape, generator=generator) * self.class_count[classes]).long()
+        return self.class_start[classes] + offsets
+
+    def _two_images(self, classes: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.class_count[classes]
+        first = (torch.rand(classes.shape, generator=generator) * count).long()
+        step = 1 + (torch.rand(classes.shape, generator=generator) * (count - 1)).long()
+        start = self.class_start[classes]
+        return start + first, start + (first + step) % count
+
+    def _other_classes(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        anywhere = (classes + 1 + (torch.rand(classes.shape, generator=generator) * (self.num_classes - 1)).long())
+        anywhere = anywhere % self.num_classes
+        groups = self.class_groups[classes]
+        size, start = self.group_count[groups], self.group_start[groups]
+        step = 1 + (torch.rand(classes.shape, generator=generator) * (size - 1).clamp(min=0)).long()
+        same_group = start + (classes - start + step) % size
+        use_group = (torch.rand(classes.shape, generator=generator) < self.within_group) & (size > 1)
+        return torch.where(use_group, same_group, anywhere)
+
+
+def fixed_pairs(images: ImageSet, count: int, seed: int, within_group: float = 0.5) -> Pairs:
+    """A fixed, balanced list of ``2 * count`` pairs (validation and evaluation)."""
+    return PairSampler(images, within_group).sample(count, seeded_generator(seed, 11))

@@ -1,0 +1,205 @@
+"""Siamese networks: a shared embedding network and a similarity head on |e1 − e2| giving one logit.
+
+Every model takes ink images (float [N, 1, H, W] in [0, 1], 1 = stroke; see ``data.to_ink``) of any
+size and resizes them to its own input size, so callers never need to know a model's resolution.
+
+Backbones:
+
+- ``vgg16``: the reference's network (bubbliiiing/Siamese-pytorch): torchvision's VGG16 conv stack on
+  3-channel 105 × 105 input, 4,608 features, head Linear(4608, 512) → Linear(512, 1).
+- ``koch``: Koch, Zemel & Salakhutdinov (2015), "Siamese Neural Networks for One-shot Image
+  Recognition": four conv layers, a 4,096-unit sigmoid embedding, a weighted L1 head.
+- ``fast``: a few 3 × 3 conv + batch-norm blocks at a reduced resolution (the 4-block design of
+  few-shot learning papers), trained in minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint."""
+
+    backbone: str = "fast"
+    input_px: int = 28
+    width: int = 64  # channels of the fast backbone's blocks
+    blocks: int = 4  # conv blocks of the fast backbone
+    normalize: bool = False  # L2-normalise embeddings (embedding objective)
+
+    def to_dict(self) -> dict:
+        """Plain dict for checkpoints and JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a checkpoint error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise CheckpointError(f"unknown model settings {sorted(unknown)}: checkpoint from a newer version?")
+        return cls(**values)
+
+
+def resize_to(images: torch.Tensor, size_px: int) -> torch.Tensor:
+    """Area-resize [N, C, H, W] images to ``size_px``² (a no-op when already that size)."""
+    if images.shape[-2:] == (size_px, size_px):
+        return images
+    return F.interpolate(images, size=(size_px, size_px), mode="area")
+
+
+class FastEmbedding(nn.Module):
+    """``blocks`` × (3 × 3 conv, batch norm, ReLU, 2 × 2 max-pool), flattened."""
+
+    def __init__(self, input_px: int, width: int, blocks: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = 1, input_px
+        for _ in range(blocks):
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels, size = width, size // 2
+        if size < 1:
+            raise ConfigError(f"{blocks} blocks need an input of at least {2**blocks} px, got {input_px}")
+        self.features = nn.Sequential(*layers)
+        self.dim = width * size * size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images).flatten(1)
+
+
+class KochEmbedding(nn.Module):
+    """Koch et al. (2015): conv 64@10, 128@7, 128@4, 256@4 with max-pools, then a 4,096-unit sigmoid layer."""
+
+    def __init__(self, input_px: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 64, 10), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 7), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(128, 128, 4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(128, 256, 4), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, 1, input_px, input_px)).numel()
+        self.project = nn.Sequential(nn.Linear(flat, 4096), nn.Sigmoid())
+        self.dim = 4096
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(images).flatten(1))
+
+
+class VGG16Embedding(nn.Module):
+    """torchvision's VGG16 conv stack (no batch norm) on 3-channel input, as in the reference."""
+
+    def __init__(self, input_px: int, pretrained: bool = False) -> None:
+        super().__init__()
+        from torchvision.models import VGG16_Weights, vgg16
+
+        weights = VGG16_Weights.IMAGENET1K_V1 if pretrained else None
+        try:
+            self.features = vgg16(weights=weights).features
+        except (OSError, RuntimeError) as error:  # URLError is an OSError
+            raise ConfigError(
+                f"cannot fetch ImageNet VGG16 weights ({error}); train without --pretrained, or put the file "
+                "in torch's hub cache (TORCH_HOME) on a machine with internet first"
+            ) from None
+        self.dim = 512 * (input_px // 32) ** 2
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images.expand(-1, 3, -1, -1)).flatten(1)
+
+
+def _similarity_head(config: ModelConfig, dim: int) -> nn.Module:
+    if config.backbone == "vgg16":  # the reference's two linear layers, no activation between them
+        return nn.Sequential(nn.Linear(dim, 512), nn.Linear(512, 1))
+    return nn.Linear(dim, 1)  # Koch's weighted L1 distance
+
+
+class SiameseNetwork(nn.Module):
+    """Twin network with shared weights: ``forward(x1, x2)`` gives one same-class logit per pair.
+
+    Args:
+        config: the architecture (see :class:`ModelConfig`).
+        pretrained: start the vgg16 backbone from ImageNet weights (needs internet or a warm cache).
+    """
+
+    def __init__(self, config: ModelConfig, pretrained: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        if config.backbone == "fast":
+            self.embedding = FastEmbedding(config.input_px, config.width, config.blocks)
+        elif config.backbone == "koch":
+            self.embedding = KochEmbedding(config.input_px)
+        elif config.backbone == "vgg16":
+            self.embedding = VGG16Embedding(config.input_px, pretrained)
+        else:
+            raise ConfigError(f"unknown backbone {config.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        self.head = _similarity_head(config, self.embedding.dim)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the vectors :meth:`embed` returns."""
+        return self.embedding.dim
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed ink images [N, 1, H, W] of any size into vectors [N, embedding_dim]."""
+        vectors = self.embedding(resize_to(images, self.config.input_px))
+        return F.normalize(vectors, dim=1) if self.config.normalize else vectors
+
+    def score_embeddings(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Same-class logits [N] for pairs of embeddings [N, D] (broadcasting allowed)."""
+        return self.head((first - second).abs()).squeeze(-1)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Same-class logits [N] for two batches of ink images (batch-first; DataParallel-safe)."""
+        both = self.embed(torch.cat([first, second]))
+        return self.score_embeddings(*both.split(first.shape[0]))
+
+
+BACKBONES = {
+    "fast": ModelConfig(backbone="fast", input_px=28, width=64, blocks=4, normalize=True),
+    "koch": ModelConfig(backbone="koch", input_px=105),
+    "vgg16": ModelConfig(backbone="vgg16", input_px=105),
+}
+
+
+def build_model(name: str = "fast", pretrained: bool = False, **overrides) -> SiameseNetwork:
+    """Build a SiameseNetwork from a backbone name, with optional ModelConfig overrides.
+
+    >>> build_model("fast", input_px=32).config.input_px
+    32
+    """
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    base = BACKBONES[name].to_dict() | overrides
+    return SiameseNetwork(ModelConfig.from_dict(base), pretrained=pretrained)
+
+
+class CosineClassifier(nn.Module):
+    """Scaled cosine-similarity classifier over training classes (the embedding objective's head).
+
+    Normalised weights and features make class scores depend only on direction, which suits
+    comparing embeddings by distance afterwards (Wang et al. 2018, "CosFace"; Chen et al. 2019).
+    """
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+        self.scale = scale
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T

@@ -1,0 +1,463 @@
+"""The training loop: device-resident data, batched augmentation, AMP, validation, checkpoints and logs.
+
+The training images live on the training device as one uint8 tensor at the model's input size;
+each step gathers a batch by index, distorts it on the device and runs the model. The loss is
+accumulated on the device and read once per log interval, the only host synchronisation.
+
+Two objectives:
+
+- ``pair``: the reference's — binary cross-entropy on the head's logit for balanced same/different pairs.
+- ``classify``: softmax over the training characters with a cosine classifier; after each epoch the
+  similarity head is fitted by logistic regression on calibration pairs of held-out alphabets.
+
+After every epoch the decision threshold is calibrated on those pairs and the model is measured on
+a second, fixed list of validation pairs; ``best.pt`` keeps the epoch with the highest ROC AUC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import devices
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import REFERENCE_BATCH, TrainConfig
+from .data.augment import random_affine
+from .data.images import ImageSet, to_ink
+from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_validation
+from .errors import CheckpointError, OutputError, TrainingError
+from .evaluate import PairMetrics, best_threshold, embed_pixels, pair_logits, pair_metrics
+from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model, resize_to
+from .plots import line_chart
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress report, emitted every ``log_every`` steps."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    pairs_per_s: float
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One line of ``metrics.jsonl``."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_roc_auc: float
+    val_eer: float
+    threshold: float
+    lr: float
+    pairs_per_s: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run left its files, and its per-epoch metrics."""
+
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: tuple[EpochMetrics, ...]
+
+
+def default_out_dir() -> Path:
+    """``logs/<timestamp>/``, as in the reference."""
+    return Path("logs") / datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
+
+
+def check_run_dir(out_dir: Path) -> None:
+    """Refuse a run folder that is a file or already holds checkpoints (nothing written is ever overwritten)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: is a file; --out must name a folder")
+    if out_dir.is_dir() and any(out_dir.glob("*.pt")):
+        raise OutputError(
+            f"{out_dir}: already holds checkpoints; pass --resume {out_dir / 'last.pt'} "
+            "to continue that run, or choose another --out"
+        )
+
+
+def resume_config(checkpoint: str | Path, epochs: int | None = None, max_steps: int | None = None) -> TrainConfig:
+    """The settings a checkpoint was trained with, optionally with more epochs or another step limit."""
+    state = load_checkpoint(checkpoint)
+    if "train_config" not in state:
+        raise CheckpointError(f"{checkpoint}: holds no training settings; cannot resume from it")
+    config = TrainConfig.from_dict(state["train_config"])
+    return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps)
+
+
+def warm_cosine(step: int, total: int, warmup_fraction: float, min_fraction: float) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to ``min_fraction``."""
+    warmup = max(1, int(total * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def stage_images(pixels: torch.Tensor, input_px: int, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    """uint8 pixels [N, H, W] → uint8 ink [N, 1, input_px, input_px] on ``device`` (decoded and resized once)."""
+    parts = []
+    for block in pixels.split(chunk):
+        ink = resize_to(to_ink(block.to(device)), input_px)
+        parts.append(ink.mul_(255).round_().to(torch.uint8))
+    return torch.cat(parts)
+
+
+def calibrate_head(model: SiameseNetwork, embeddings: torch.Tensor, pairs: Pairs) -> None:
+    """Set the similarity head to a calibrated L1 distance (embedding objective).
+
+    The head becomes ``logit = b − a · Σ|e1 − e2|``: two numbers fitted by logistic regression on fixed
+    pairs of held-out alphabets (Platt scaling). Fitting all of the head's weights on a few thousand
+    pairs overfits and ranks unseen characters worse than the plain distance.
+    """
+    head = model.head
+    if not isinstance(head, nn.Linear):
+        raise TrainingError("only a single linear head can be calibrated; use the pair objective")
+    pairs = pairs.to(embeddings.device)
+    distance = (embeddings[pairs.first] - embeddings[pairs.second]).abs().sum(1).detach()
+    target = pairs.same.float()
+    centre, spread = distance.mean(), distance.std().clamp(min=1e-6)
+    a = torch.ones((), device=distance.device, requires_grad=True)
+    b = torch.zeros((), device=distance.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([a, b], lr=1, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(b - a * (distance - centre) / spread, target)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        scale = a.detach() / spread
+        head.weight.fill_(-float(scale))
+        head.bias.fill_(float(b.detach() + scale * centre))
+
+
+class Trainer:
+    """Trains a SiameseNetwork on an ImageSet and writes logs and checkpoints to ``out_dir``.
+
+    Args:
+        config: what to train and how.
+        images: the training images (Omniglot background or a custom tree); alphabets are held out of
+            them for validation.
+        out_dir: the run folder; must be new or empty unless resuming.
+        device: the training device (see :mod:`siamese_omniglot.devices`).
+        on_progress: called every ``config.log_every`` steps.
+        on_epoch: called after every validation.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        images: ImageSet,
+        out_dir: str | Path,
+        device: torch.device,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_epoch: Callable[[EpochMetrics], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.out_dir = Path(out_dir)
+        self.on_progress = on_progress
+        self.on_epoch = on_epoch
+        self.amp = devices.amp_default(device) if config.amp is None else config.amp
+        train, val = split_validation(images, config.val_fraction, config.seed)
+        self.train_set, self.val_set = train, val
+        log.info(
+            "training on %d classes (%d images), validating on %d held-out classes in %d groups",
+            train.num_classes, len(train), val.num_classes, len(val.group_names),
+        )
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.backbone, pretrained=config.pretrained).to(device)
+        self.classifier = (
+            CosineClassifier(self.model.embedding_dim, train.num_classes).to(device)
+            if config.objective == "classify"
+            else None
+        )
+        self.staged = stage_images(train.pixels, self.model.config.input_px, device)
+        self.labels = train.labels.to(device)
+        self.sampler = PairSampler(train, config.within_alphabet)
+        self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)
+        self.val_pairs = fixed_pairs(val, config.val_pairs, config.seed + 2, config.within_alphabet)
+        self.steps_per_epoch = max(1, len(train) // config.batch_size)
+        planned = config.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
+        params = list(self.model.parameters()) + (list(self.classifier.parameters()) if self.classifier else [])
+        self.optimizer = torch.optim.SGD(
+            params,
+            lr=config.lr * config.batch_size / REFERENCE_BATCH,
+            momentum=config.momentum,
+            nesterov=True,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warm_cosine(step, self.total_steps, config.warmup_fraction, config.min_lr_fraction),
+        )
+        self.scaler = devices.grad_scaler(device, self.amp)
+        self.history: list[EpochMetrics] = []
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.generator_state: torch.Tensor | None = None
+        self.best_auc = -math.inf
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def fit(self, resume: str | Path | None = None) -> TrainResult:
+        """Train until ``epochs`` or ``max_steps``; returns where the checkpoints are."""
+        if resume is not None:
+            self._restore(resume)
+        else:
+            self._prepare_out_dir()
+        self.model.train()
+        while self.epoch < self.config.epochs and self.step < self.total_steps:
+            self._run_epoch()
+        if not self.history:
+            raise TrainingError("nothing to train: the run already reached its last step")
+        return TrainResult(self.out_dir, self.out_dir / "best.pt", self.out_dir / "last.pt", tuple(self.history))
+
+    def _run_epoch(self) -> None:
+        config = self.config
+        generator = seeded_generator(config.seed, self.epoch)
+        order = torch.randperm(len(self.train_set), generator=generator)
+        if self.generator_state is not None:  # resuming mid-epoch
+            generator.set_state(self.generator_state)
+            self.generator_state = None
+        loss_sum = torch.zeros((), device=self.device)
+        interval_loss = torch.zeros((), device=self.device)
+        steps_done, interval_steps = 0, 0
+        started = interval_started = time.perf_counter()
+        while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+            loss = self.train_step(order, generator)
+            loss_sum += loss
+            interval_loss += loss
+            steps_done += 1
+            interval_steps += 1
+            self.step += 1
+            self.step_in_epoch += 1
+            if self.step % config.log_every == 0 or self.step == self.total_steps:
+                mean_loss = float(interval_loss) / interval_steps  # the only host sync of the loop
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"the loss became {mean_loss} by step {self.step}; the last good checkpoint is kept — "
+                        "lower --lr or turn off --amp"
+                    )
+                now = time.perf_counter()
+                images_per_s = interval_steps * self.images_per_step / (now - interval_started)
+                self._report(mean_loss, images_per_s)
+                interval_loss.zero_()
+                interval_steps, interval_started = 0, now
+        devices.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        finished_epoch = self.step_in_epoch >= self.steps_per_epoch
+        if finished_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        else:
+            self.generator_state = generator.get_state()
+        images_per_s = steps_done * self.images_per_step / max(seconds, 1e-9)
+        self._end_epoch(float(loss_sum) / max(steps_done, 1), images_per_s, seconds)
+
+    @property
+    def images_per_step(self) -> int:
+        """Images through the network per optimizer step."""
+        per_item = 4 if self.config.objective == "pair" else 1
+        return self.config.batch_size * per_item
+
+    def train_step(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One optimizer step on the next batch of the epoch (``order``: the epoch's image permutation)."""
+        config = self.config
+        if self.classifier is not None:
+            start = self.step_in_epoch * config.batch_size
+            index = order[start : start + config.batch_size].to(self.device, non_blocking=True)
+            images, labels = self.batch(index, generator), self.labels[index]
+            return self.optimize(lambda: F.cross_entropy(self.classifier(self.model.embed(images)).float(), labels))
+        pairs = self.sampler.sample(config.batch_size, generator).to(self.device)
+        first, second = self.batch(torch.cat([pairs.first, pairs.second]), generator).chunk(2)
+        return self.optimize(
+            lambda: F.binary_cross_entropy_with_logits(self.model(first, second).float(), pairs.same.float())
+        )
+
+    def optimize(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Forward (under autocast) and backward ``loss_fn``, then step the optimizer, scaler and schedule."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with devices.autocast(self.device, self.amp):
+            loss = loss_fn()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training images ``index`` as float ink on the device, distorted when augmenting."""
+        images = self.staged[index].float().div_(255)
+        return random_affine(images, generator) if self.config.augment else images
+
+    def _report(self, loss: float, images_per_s: float) -> None:
+        if self.on_progress is None:
+            return
+        pairs_per_s = images_per_s / 2
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.on_progress(Progress(self.step, self.total_steps, self.epoch, loss, lr, pairs_per_s, images_per_s))
+
+    # --- validation, checkpoints, logs ---------------------------------------------------------------
+
+    def validate(self) -> PairMetrics:
+        """Calibrate (head for ``classify``, threshold always) on calibration pairs; measure on val pairs."""
+        embeddings = embed_pixels(self.model, self.val_set.pixels, self.device)
+        if self.classifier is not None:
+            calibrate_head(self.model, embeddings, self.calibration_pairs)
+        calibration = torch.sigmoid(pair_logits(self.model, embeddings, self.calibration_pairs))
+        threshold = best_threshold(calibration, self.calibration_pairs.same)
+        return pair_metrics(pair_logits(self.model, embeddings, self.val_pairs), self.val_pairs.same, threshold)
+
+    def save_snapshot(self, path: str | Path) -> Path:
+        """Validate now and save a checkpoint of the current state to ``path`` (outside the best/last pair)."""
+        return save_checkpoint(self._state(self.validate()), path)
+
+    def _end_epoch(self, train_loss: float, images_per_s: float, seconds: float) -> None:
+        val = self.validate()
+        metrics = EpochMetrics(
+            epoch=self.epoch if self.step_in_epoch == 0 else self.epoch + 1,
+            step=self.step,
+            train_loss=train_loss,
+            val_loss=val.loss,
+            val_accuracy=val.accuracy,
+            val_roc_auc=val.roc_auc,
+            val_eer=val.eer,
+            threshold=val.threshold,
+            lr=self.optimizer.param_groups[0]["lr"],
+            pairs_per_s=images_per_s / 2,
+            images_per_s=images_per_s,
+            seconds=seconds,
+        )
+        self.history.append(metrics)
+        state = self._state(val)
+        improved = val.roc_auc > self.best_auc
+        if improved:
+            self.best_auc = val.roc_auc
+            state["training"]["best_auc"] = self.best_auc
+        save_checkpoint(state, self.out_dir / "last.pt")
+        if improved:
+            save_checkpoint(state, self.out_dir / "best.pt")
+        self._write_logs(metrics)
+        if self.on_epoch is not None:
+            self.on_epoch(metrics)
+
+    def _state(self, val: PairMetrics) -> dict:
+        return {
+            "model_config": self.model.config.to_dict(),
+            "model": self.model.state_dict(),
+            "threshold": val.threshold,
+            "train_config": self.config.to_dict(),
+            "metrics": val.to_dict(),
+            "classes": {"train": list(self.train_set.class_names), "val": list(self.val_set.class_names)},
+            "training": {
+                "epoch": self.epoch,
+                "step": self.step,
+                "step_in_epoch": self.step_in_epoch,
+                "best_auc": self.best_auc,
+                "generator": self.generator_state,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "classifier": self.classifier.state_dict() if self.classifier is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "history": [asdict(m) for m in self.history],
+            },
+        }
+
+    def _restore(self, path: str | Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        training = state.get("training")
+        if training is None:
+            raise CheckpointError(f"{path}: holds no training state (exported weights?); cannot resume from it")
+        saved = ModelConfig.from_dict(state["model_config"])
+        if saved != self.model.config:
+            raise CheckpointError(f"{path}: was trained with {saved}, not {self.model.config}; use the same preset")
+        if TrainConfig.from_dict(state["train_config"]).objective != self.config.objective:
+            raise CheckpointError(f"{path}: was trained with another objective; use the same preset")
+        if state.get("classes", {}).get("train") != list(self.train_set.class_names):
+            raise CheckpointError(f"{path}: was trained on other data or another split; use the same --data")
+        self.model.load_state_dict(state["model"])
+        if self.classifier is not None:
+            if training["classifier"] is None:
+                raise CheckpointError(f"{path}: has no classifier state for the classify objective")
+            self.classifier.load_state_dict(training["classifier"])
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        if self.scaler is not None and training["scaler"] is not None:
+            self.scaler.load_state_dict(training["scaler"])
+        torch.set_rng_state(training["torch_rng"].cpu())
+        self.epoch, self.step = training["epoch"], training["step"]
+        self.step_in_epoch, self.best_auc = training["step_in_epoch"], training["best_auc"]
+        generator = training["generator"]
+        self.generator_state = generator.cpu() if generator is not None else None
+        self.history = [EpochMetrics(**m) for m in training["history"]]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.out_dir / "config.json").exists():
+            self._write_config()
+        log.info("resuming %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    def _prepare_out_dir(self) -> None:
+        check_run_dir(self.out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "epoch_loss.txt", "epoch_val_loss.txt"):
+                (self.out_dir / name).write_text("")
+            self._write_config()
+        except OSError as error:
+            raise OutputError(f"{self.out_dir}: cannot write ({error.strerror})") from None
+
+    def _write_config(self) -> None:
+        config = {"train": self.config.to_dict(), "model": self.model.config.to_dict()}
+        config |= {"device": str(self.device), "amp": self.amp, "steps_per_epoch": self.steps_per_epoch}
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def _write_logs(self, metrics: EpochMetrics) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(asdict(metrics)) + "\n")
+        with open(self.out_dir / "epoch_loss.txt", "a") as file:
+            file.write(f"{metrics.train_loss}\n")
+        with open(self.out_dir / "epoch_val_loss.txt", "a") as file:
+            file.write(f"{metrics.val_loss}\n")
+        line_chart(
+            {
+                "train loss": [m.train_loss for m in self.history],
+                "val loss": [m.val_loss for m in self.history],
+                "val accuracy": [m.val_accuracy for m in self.history],
+            },
+            self.out_dir / "epoch_loss.png",
+            title=f"{self.config.preset}: loss and validation accuracy per epoch",
+        )

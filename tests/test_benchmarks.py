@@ -1,0 +1,78 @@
+"""The benchmarks' measuring code on small real subsets (full-size runs never happen in tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import siamese_omniglot as so
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(mini_background: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images = so.load_training_set(mini_background)
+    config = so.preset("fast", max_steps=30, batch_size=32, val_pairs=50, log_every=10)
+    out = tmp_path_factory.mktemp("bench_run")
+    return so.Trainer(config, images, out, torch.device("cpu")).fit().best_checkpoint
+
+
+def test_accuracy_report_has_every_protocol_with_its_trial_count(tiny_checkpoint, mini_evaluation, shared_omniglot):
+    accuracy = _load("accuracy")
+    evaluation = so.load_evaluation_set(mini_evaluation)
+    runs = so.load_lake_runs(shared_omniglot / "all_runs.zip")
+    report = accuracy.evaluate_checkpoint(tiny_checkpoint, evaluation, runs, torch.device("cpu"), 0, 60, ways=(5, 3))
+    assert report["lake_runs"]["trials"] == 400
+    assert report["drawer_runs"]["trials"] == 60  # 12 runs of 5 trials
+    assert report["way5"]["trials"] == report["way3"]["trials"] == 60
+    assert report["verification"]["pairs"] == 120
+    for key in ("lake_runs", "drawer_runs", "way5", "way3"):
+        result = report[key]
+        assert 0 <= result["ci_low"] <= result["accuracy"] <= result["ci_high"] <= 1
+    # a trained model beats chance on 3-way trials of unseen alphabets
+    assert report["way3"]["accuracy"] > 1 / 3
+    again = accuracy.evaluate_checkpoint(tiny_checkpoint, evaluation, runs, torch.device("cpu"), 0, 60, ways=(5, 3))
+    assert again == report  # seeded
+
+
+def test_results_row_quotes_the_measured_figures():
+    accuracy = _load("accuracy")
+    result = {"accuracy": 0.9, "ci_low": 0.88, "ci_high": 0.92}
+    report = {
+        "date": "2026-11-29", "preset": "fast", "device": "cpu", "train_minutes": 12.34, "command": "python x",
+        "lake_runs": {"accuracy": 0.9125}, "drawer_runs": result, "way20": result, "way5": result,
+        "verification": {"roc_auc": 0.98765, "eer": 0.05}, "snapshots": {5: 0.8, 10: 0.85},
+    }
+    row = accuracy.results_row(report)
+    assert row.startswith("| 2026-11-29 | `fast` | cpu | 12.3 min | **91.2%** |")
+    assert "90.0% (88.0%–92.0%)" in row and "0.9877 / 5.0%" in row and "5 min: 80.0%, 10 min: 85.0%" in row
+    assert row.count("|") == 12
+
+
+def test_throughput_benchmark_reports_sane_rates(mini_background):
+    command = [sys.executable, str(BENCHMARKS / "throughput.py"), "--data", str(mini_background), "--device", "cpu",
+               "--batch-size", "16", "--warmup", "1", "--steps", "2", "--repeats", "1", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["images_per_step"] == 16
+    assert report["pipeline_images_per_s"] > 0 and report["model_only_images_per_s"] > 0
+    assert report["pipeline_pairs_per_s"] == pytest.approx(report["pipeline_images_per_s"] / 2)
+    assert report["pipeline_efficiency"] == pytest.approx(
+        report["pipeline_images_per_s"] / report["model_only_images_per_s"]
+    )
+    assert 0 < report["pipeline_efficiency"] < 2

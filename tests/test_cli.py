@@ -1,0 +1,175 @@
+"""The installed ``siamese`` command, run as a subprocess: help, train, eval, compare and its error lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SIAMESE = shutil.which("siamese") or str(Path(sys.executable).parent / "siamese")
+
+
+def siamese(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the console script in ``cwd`` with no SIAMESE_* settings inherited, on one CPU thread.
+
+    One thread: these tiny models gain nothing from more, and on a busy two-core runner several
+    spinning OpenMP threads make a training step ten times slower.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+    command = [SIAMESE, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(
+    mini_background: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """One short CLI training run, shared by the tests below (its folder name holds Rich markup brackets)."""
+    work = tmp_path_factory.mktemp("cli")
+    out = work / "run[v1]"
+    options = ["--max-steps", "20", "--batch-size", "32", "--device", "cpu"]
+    result = siamese("train", "--data", mini_background, "--out", out, *options, cwd=work)
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained: tuple[subprocess.CompletedProcess, Path]) -> Path:
+    result, out = trained
+    assert result.returncode == 0, result.stderr
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def image_pair(mini_evaluation: Path) -> tuple[Path, Path]:
+    first, second = sorted(mini_evaluation.glob("*/*/*.png"))[:2]
+    return first, second
+
+
+@pytest.mark.parametrize(
+    "command", [[SIAMESE], [sys.executable, "-m", "siamese_omniglot"]], ids=["console-script", "python-m"]
+)
+def test_help_lists_the_commands(command: list[str], tmp_path: Path) -> None:
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name, summary in [
+        ("train", "Train a Siamese network"),
+        ("eval", "Evaluate on alphabets never seen"),
+        ("compare", "Say whether two images show the same"),
+    ]:
+        assert f" {name} " in result.stdout and summary in result.stdout
+
+
+def test_train_writes_a_run(trained: tuple[subprocess.CompletedProcess, Path]) -> None:
+    result, out = trained
+    assert result.returncode == 0, result.stderr
+    expected = {
+        "config.json",
+        "metrics.jsonl",
+        "epoch_loss.txt",
+        "epoch_val_loss.txt",
+        "epoch_loss.png",
+        "best.pt",
+        "last.pt",
+    }
+    assert expected <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())["train"]
+    assert (config["preset"], config["max_steps"], config["batch_size"]) == ("fast", 20, 32)
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["step"] == 20
+    assert torch.load(out / "last.pt", weights_only=True)["training"]["step"] == 20
+    assert "step 20/20 epoch 1: loss" in result.stderr
+    assert "epoch 1 step 20: train loss" in result.stderr
+    # whole lines, so that scripts can read them: the paths verbatim and no wrapping at the pipe's width
+    best_line, last_line = result.stdout.splitlines()
+    assert best_line.startswith(f"best checkpoint: {out / 'best.pt'} (val ROC AUC ")
+    assert last_line == f"last checkpoint: {out / 'last.pt'}"
+
+
+def test_eval_prints_json(checkpoint: Path, mini_evaluation: Path, shared_omniglot: Path, tmp_path: Path) -> None:
+    runs = shared_omniglot / "all_runs.zip"
+    options = ["--way", "5", "--trials", "50", "--pairs", "50", "--device", "cpu", "--json"]
+    result = siamese("eval", checkpoint, "--data", mini_evaluation, "--runs", runs, *options, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"checkpoint", "verification", "one_shot", "lake_runs"}
+    verification, one_shot, lake = report["verification"], report["one_shot"], report["lake_runs"]
+    assert verification["pairs"] == 100
+    assert verification["threshold"] == torch.load(checkpoint, weights_only=True)["threshold"]
+    assert (one_shot["way"], one_shot["shot"], one_shot["trials"]) == (5, 1, 50)
+    assert (lake["way"], lake["shot"], lake["trials"]) == (20, 1, 400)
+    for accuracy in (verification["accuracy"], verification["roc_auc"], one_shot["accuracy"], lake["accuracy"]):
+        assert 0 <= accuracy <= 1
+    for trials in (one_shot, lake):
+        assert trials["ci_low"] <= trials["accuracy"] <= trials["ci_high"]
+
+
+def test_compare_prints_json(checkpoint: Path, image_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    result = siamese("compare", *image_pair, "--checkpoint", checkpoint, "--device", "cpu", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    verdict = json.loads(result.stdout)
+    assert set(verdict) == {"score", "same", "threshold"}
+    assert 0 <= verdict["score"] <= 1
+    assert verdict["threshold"] == torch.load(checkpoint, weights_only=True)["threshold"]
+    assert verdict["same"] == (verdict["score"] >= verdict["threshold"])
+
+
+def one_class_tree(root: Path, image: Path) -> Path:
+    folder = root / "one-class" / "alphabet" / "character"
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        shutil.copy(image, folder / name)
+    return root / "one-class"
+
+
+ERROR_CASES = {
+    "missing-checkpoint": (lambda t, c, i, m: ["eval", t / "missing.pt", "--data", m], "no such checkpoint"),
+    "checkpoint-is-a-directory": (
+        lambda t, c, i, m: ["compare", i, i, "--checkpoint", t],
+        "is a directory, not a checkpoint file",
+    ),
+    "missing-image": (
+        lambda t, c, i, m: ["compare", i, t / "missing.png", "--checkpoint", c, "--device", "cpu"],
+        "missing.png: no such file",
+    ),
+    "unknown-device": (
+        lambda t, c, i, m: ["compare", i, i, "--checkpoint", c, "--device", "tpu"],
+        "unknown device 'tpu'",
+    ),
+    "unknown-preset": (
+        lambda t, c, i, m: ["train", "--preset", "nope", "--data", m, "--out", t / "run"],
+        "unknown preset 'nope': choose one of fast, koch, seed",
+    ),
+    "one-class-data": (
+        lambda t, c, i, m: ["train", "--data", one_class_tree(t, i), "--out", t / "run", "--max-steps", 1],
+        "found 1 class; at least 2 classes are needed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_are_one_line_and_exit_code_2(
+    case: str, checkpoint: Path, image_pair: tuple[Path, Path], mini_background: Path, tmp_path: Path
+) -> None:
+    make_args, message = ERROR_CASES[case]
+    result = siamese(*make_args(tmp_path, checkpoint, image_pair[0], mini_background), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+
+
+def test_error_line_prints_paths_verbatim(image_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """Paths are data, not Rich markup: ``[v2]`` in a folder name must survive into the message."""
+    missing = tmp_path / "run[v2]" / "best.pt"
+    result = siamese("compare", *image_pair, "--checkpoint", missing, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {missing}: no such checkpoint"

@@ -1,0 +1,168 @@
+"""Metrics and protocols: ROC AUC, EER, thresholds, Wilson intervals, one-shot episodes and Lake's runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from siamese_omniglot.data import ImageSet, LakeRuns, load_folder, load_lake_runs, sample_episodes
+from siamese_omniglot.evaluate import (
+    best_threshold,
+    binomial_interval,
+    embed_pixels,
+    equal_error_rate,
+    lake_runs_accuracy,
+    one_shot_accuracy,
+    pair_metrics,
+    roc_auc,
+)
+from siamese_omniglot.models import SiameseNetwork, build_model
+
+CPU = torch.device("cpu")
+
+
+def distance_model(sign: float) -> SiameseNetwork:
+    """A fast model whose logit is ``sign`` × the L1 distance of the two embeddings."""
+    torch.manual_seed(0)
+    model = build_model("fast").eval()
+    with torch.no_grad():
+        model.head.weight.fill_(sign)
+        model.head.bias.zero_()
+    return model
+
+
+def brute_force_auc(scores: list[int], same: list[bool]) -> float:
+    positives = [s for s, y in zip(scores, same, strict=True) if y]
+    negatives = [s for s, y in zip(scores, same, strict=True) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.booleans()), min_size=2, max_size=40))
+def test_roc_auc_equals_pairwise_count_with_ties(items: list[tuple[int, bool]]) -> None:
+    scores, same = [s for s, _ in items], [y for _, y in items]
+    auc = roc_auc(torch.tensor(scores, dtype=torch.float32), torch.tensor(same))
+    if all(same) or not any(same):
+        assert math.isnan(auc)
+    else:
+        assert auc == pytest.approx(brute_force_auc(scores, same), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("scores", "same", "eer", "threshold"),
+    [
+        # separable: no errors; the threshold falls midway between the classes
+        ([0.1, 0.2, 0.8, 0.9], [False, False, True, True], 0.0, 0.5),
+        # one different pair (0.7) outscores two same pairs: FA = FR = 1/3 at t = 0.6; best accuracy at t = 0.4
+        ([0.9, 0.6, 0.4, 0.7, 0.3, 0.2], [True, True, True, False, False, False], 1 / 3, 0.35),
+        # inverted: EER 1; no threshold beats accepting everything (half right)
+        ([0.1, 0.2, 0.8, 0.9], [True, True, False, False], 1.0, 0.1),
+    ],
+)
+def test_equal_error_rate_and_best_threshold(scores: list, same: list, eer: float, threshold: float) -> None:
+    scores_t, same_t = torch.tensor(scores), torch.tensor(same)
+    assert equal_error_rate(scores_t, same_t) == pytest.approx(eer)
+    assert best_threshold(scores_t, same_t) == pytest.approx(threshold, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "low", "high"),
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3 (Wilson)
+    [
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+        (8, 10, 0.4902, 0.9433),
+        (10, 10, 0.7225, 1.0),
+    ],
+)
+def test_binomial_interval_matches_wilson(successes: int, trials: int, low: float, high: float) -> None:
+    assert binomial_interval(successes, trials) == pytest.approx((low, high), abs=5e-5)
+
+
+def test_binomial_interval_of_no_trials_is_nan() -> None:
+    assert all(math.isnan(x) for x in binomial_interval(0, 0))
+
+
+def test_pair_metrics_on_hand_made_logits() -> None:
+    logits = torch.tensor([2.0, 0.5, -1.0, 1.0, -2.0, -0.5])
+    same = torch.tensor([True, True, True, False, False, False])
+    metrics = pair_metrics(logits, same, threshold=0.5)
+    expected_loss = sum(math.log1p(math.exp(-x)) for x in (2.0, 0.5, -1.0)) + sum(
+        math.log1p(math.exp(x)) for x in (1.0, -2.0, -0.5)
+    )
+    assert metrics.pairs == 6
+    assert metrics.accuracy == pytest.approx(4 / 6)  # decided same: 2.0, 0.5 (right), 1.0 (wrong); -1.0 missed
+    assert metrics.roc_auc == pytest.approx(6 / 9)
+    assert metrics.eer == pytest.approx(1 / 3)
+    assert metrics.loss == pytest.approx(expected_loss / 6, rel=1e-6)
+    assert metrics.threshold == 0.5
+    assert pair_metrics(logits, same, threshold=0.8).accuracy == pytest.approx(4 / 6)  # sigmoid(2) ≥ 0.8 only
+    assert metrics.to_dict()["roc_auc"] == metrics.roc_auc
+
+
+@pytest.fixture(scope="module")
+def evaluation_images(mini_evaluation: Path) -> ImageSet:
+    return load_folder(mini_evaluation)
+
+
+@pytest.mark.parametrize(("sign", "accuracy"), [(-1.0, 1.0), (1.0, 0.0)])
+def test_one_shot_accuracy_with_class_embeddings(evaluation_images: ImageSet, sign: float, accuracy: float) -> None:
+    """One-hot class embeddings: the right candidate is at distance 0, every other at distance 2."""
+    model = distance_model(sign)
+    embeddings = F.one_hot(evaluation_images.labels, model.embedding_dim).float()
+    episodes = sample_episodes(evaluation_images, way=5, shot=2, trials=200, seed=0)
+    result = one_shot_accuracy(model, embeddings, episodes)
+    assert (result.way, result.shot, result.trials) == (5, 2, 200)
+    assert result.accuracy == accuracy
+    assert (result.ci_low, result.ci_high) == pytest.approx(binomial_interval(int(accuracy * 200), 200))
+
+
+def test_one_shot_accuracy_is_chance_when_embeddings_carry_no_information(evaluation_images: ImageSet) -> None:
+    """All scores tie, so the first candidate is always chosen: right exactly when the answer is 0."""
+    model = distance_model(-1.0)
+    episodes = sample_episodes(evaluation_images, way=5, shot=1, trials=400, seed=1)
+    result = one_shot_accuracy(model, torch.zeros(len(evaluation_images), model.embedding_dim), episodes)
+    assert result.accuracy == pytest.approx(float((episodes.answers == 0).float().mean()))
+    assert result.ci_low < 1 / 5 < result.ci_high
+
+
+@pytest.fixture(scope="module")
+def lake_runs(shared_omniglot: Path) -> LakeRuns:
+    return load_lake_runs(shared_omniglot / "all_runs.zip")
+
+
+def test_lake_runs_have_the_official_shape(lake_runs: LakeRuns) -> None:
+    assert lake_runs.training.shape == (20, 20, 105, 105)
+    assert lake_runs.test.shape == (20, 20, 105, 105)
+    assert sorted(lake_runs.answers[0].tolist()) == list(range(20))  # each class is asked once per run
+
+
+@pytest.mark.parametrize(("sign", "accuracy"), [(-1.0, 1.0), (1.0, 0.0)])
+def test_lake_runs_accuracy_when_each_test_image_is_its_training_image(
+    lake_runs: LakeRuns, sign: float, accuracy: float
+) -> None:
+    """Test images replaced by copies of the right training images: distance 0 to the answer only."""
+    answers = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(r)) for r in range(20)])
+    copies = LakeRuns(lake_runs.training, lake_runs.training[torch.arange(20)[:, None], answers], answers)
+    result = lake_runs_accuracy(distance_model(sign), copies, CPU)
+    assert (result.way, result.shot, result.trials) == (20, 1, 400)
+    assert result.accuracy == accuracy
+
+
+def test_embed_pixels_uses_eval_mode_and_restores_training(lake_runs: LakeRuns) -> None:
+    model = distance_model(-1.0).train()
+    pixels = lake_runs.training[0]
+    whole = embed_pixels(model, pixels, CPU)
+    in_chunks = embed_pixels(model, pixels, CPU, batch_size=3)
+    assert model.training
+    assert whole.shape == (20, model.embedding_dim)
+    torch.testing.assert_close(whole, in_chunks)  # batch norm used running statistics, not batch ones

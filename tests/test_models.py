@@ -1,0 +1,141 @@
+"""Models: the three backbones' shapes, the twin forward pass, resizing, and the reference's VGG16 figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from siamese_omniglot.errors import CheckpointError, ConfigError
+from siamese_omniglot.models import BACKBONES, ModelConfig, SiameseNetwork, build_model
+
+EMBEDDING_DIMS = {"fast": 64, "koch": 4096, "vgg16": 4608}
+
+
+def ink(count: int, size_px: int, seed: int = 0) -> torch.Tensor:
+    """Random ink images [count, 1, size_px, size_px] in [0, 1]."""
+    return torch.rand(count, 1, size_px, size_px, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, SiameseNetwork]:
+    """Each backbone built once per module (vgg16 takes seconds to initialise), in eval mode."""
+    torch.manual_seed(0)
+    return {name: build_model(name).eval() for name in EMBEDDING_DIMS}
+
+
+@pytest.fixture(scope="module", params=list(EMBEDDING_DIMS))
+def twin_outputs(request: pytest.FixtureRequest, built: dict[str, SiameseNetwork]) -> dict:
+    """Per backbone: one batch-2 forward pass and the embeddings of its inputs."""
+    model = built[request.param]
+    first, second = ink(2, 105, seed=1), ink(2, 105, seed=2)
+    with torch.no_grad():
+        logits = model(first, second)
+        embeddings = model.embed(torch.cat([first, second]))
+    return {"name": request.param, "model": model, "logits": logits, "embeddings": embeddings}
+
+
+def test_embedding_and_logit_shapes(twin_outputs: dict) -> None:
+    model, dim = twin_outputs["model"], EMBEDDING_DIMS[twin_outputs["name"]]
+    assert model.embedding_dim == dim
+    assert twin_outputs["embeddings"].shape == (4, dim)
+    assert twin_outputs["logits"].shape == (2,)
+    assert torch.isfinite(twin_outputs["logits"]).all()
+
+
+def test_forward_equals_scoring_the_embeddings(twin_outputs: dict) -> None:
+    model, embeddings = twin_outputs["model"], twin_outputs["embeddings"]
+    with torch.no_grad():
+        scored = model.score_embeddings(embeddings[:2], embeddings[2:])
+    torch.testing.assert_close(twin_outputs["logits"], scored, rtol=1e-4, atol=1e-4)
+
+
+def test_score_is_symmetric(twin_outputs: dict) -> None:
+    model, embeddings = twin_outputs["model"], twin_outputs["embeddings"]
+    with torch.no_grad():
+        assert torch.equal(
+            model.score_embeddings(embeddings[:2], embeddings[2:]),
+            model.score_embeddings(embeddings[2:], embeddings[:2]),
+        )
+
+
+def test_forward_is_batch_first_and_pairwise() -> None:
+    """Pair i's logit depends on pair i only (what DataParallel's split along dim 0 relies on)."""
+    torch.manual_seed(0)
+    model = build_model("fast").eval()
+    first, second = ink(3, 28, seed=3), ink(3, 28, seed=4)
+    with torch.no_grad():
+        together = model(first, second)
+        alone = torch.stack([model(first[i : i + 1], second[i : i + 1])[0] for i in range(3)])
+    assert together.shape == (3,)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size_px", [20, 28, 64, 105])
+def test_any_input_size_gives_the_same_shapes(size_px: int) -> None:
+    model = build_model("fast").eval()
+    with torch.no_grad():
+        assert model.embed(ink(2, size_px)).shape == (2, 64)
+        assert model(ink(2, size_px), ink(2, size_px, seed=1)).shape == (2,)
+
+
+def test_larger_input_is_area_resized_to_the_model_size() -> None:
+    model = build_model("fast").eval()
+    large = ink(2, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(large), model.embed(F.avg_pool2d(large, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("normalize", "unit"), [(True, True), (False, False)])
+def test_normalize_gives_unit_norm_embeddings(normalize: bool, unit: bool) -> None:
+    model = build_model("fast", normalize=normalize).eval()
+    with torch.no_grad():
+        norms = model.embed(ink(4, 28)).norm(dim=1)
+    assert torch.allclose(norms, torch.ones(4), atol=1e-5) is unit
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: build_model("resnet18"), lambda: SiameseNetwork(ModelConfig(backbone="resnet18"))]
+)
+def test_unknown_backbone_is_a_config_error(make) -> None:
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet18': choose one of fast, koch, vgg16"):
+        make()
+
+
+def test_too_small_input_for_the_fast_blocks_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="4 blocks need an input of at least 16 px, got 8"):
+        build_model("fast", input_px=8)
+
+
+@pytest.mark.parametrize(
+    ("input_px", "width", "blocks", "dim"), [(28, 64, 4, 64), (32, 16, 3, 16 * 4 * 4), (28, 8, 2, 8 * 7 * 7)]
+)
+def test_fast_overrides_set_the_embedding_size(input_px: int, width: int, blocks: int, dim: int) -> None:
+    model = build_model("fast", input_px=input_px, width=width, blocks=blocks).eval()
+    assert model.config == ModelConfig("fast", input_px, width, blocks, normalize=True)
+    assert model.embedding_dim == dim
+    with torch.no_grad():
+        assert model.embed(ink(2, 105)).shape == (2, dim)
+
+
+@pytest.mark.parametrize(
+    "config", [*BACKBONES.values(), ModelConfig(backbone="fast", input_px=32, width=16, blocks=3, normalize=False)]
+)
+def test_model_config_round_trip(config: ModelConfig) -> None:
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_model_config_with_unknown_keys_is_a_checkpoint_error() -> None:
+    with pytest.raises(CheckpointError, match=r"unknown model settings \['dropout'\]"):
+        ModelConfig.from_dict(ModelConfig().to_dict() | {"dropout": 0.1})
+
+
+def test_vgg16_matches_the_reference_network(built: dict[str, SiameseNetwork]) -> None:
+    model = built["vgg16"]
+    parameters = sum(p.numel() for p in model.parameters())
+    assert abs(parameters / 1e6 - 17.08) <= 0.01
+    assert model.embedding_dim == 512 * 3 * 3 == 4608
+    assert [type(layer) for layer in model.head] == [nn.Linear, nn.Linear]
+    first, second = model.head
+    assert (first.in_features, first.out_features, second.in_features, second.out_features) == (4608, 512, 512, 1)

@@ -1,0 +1,269 @@
+"""Training: real short runs on a small Omniglot tree: files written, loss falling, step limits, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, replace
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from siamese_omniglot.config import preset
+from siamese_omniglot.data import ImageSet, load_folder
+from siamese_omniglot.errors import CheckpointError, OutputError, TrainingError
+from siamese_omniglot.evaluate import embed_pixels, roc_auc
+from siamese_omniglot.models import ModelConfig, SiameseNetwork
+from siamese_omniglot.train import EpochMetrics, Progress, Trainer, calibrate_head, warm_cosine
+
+CPU = torch.device("cpu")
+METRIC_KEYS = {
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_roc_auc",
+    "val_eer",
+    "threshold",
+    "lr",
+    "pairs_per_s",
+    "images_per_s",
+    "seconds",
+}
+
+
+class Interrupted(Exception):
+    """Stands for a crash right after a checkpoint was written."""
+
+
+@pytest.fixture(scope="module")
+def images(mini_background: Path) -> ImageSet:
+    return load_folder(mini_background)
+
+
+@pytest.fixture(scope="module")
+def small(images: ImageSet) -> ImageSet:
+    """One alphabet's 6 characters: 4 to train on (80 images), 2 held out."""
+    return images.subset_classes(torch.arange(6))
+
+
+@pytest.fixture(scope="module")
+def classify_run(images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """30 steps of the default (classify) objective: 840 training images, 26 steps per epoch."""
+    config = preset("fast", max_steps=30, batch_size=32, val_pairs=50, log_every=5)
+    out = tmp_path_factory.mktemp("classify") / "run"
+    progress: list[Progress] = []
+    epochs: list[EpochMetrics] = []
+    trainer = Trainer(config, images, out, CPU, on_progress=progress.append, on_epoch=epochs.append)
+    result = trainer.fit()
+    return {"config": config, "out": out, "trainer": trainer, "result": result, "progress": progress, "epochs": epochs}
+
+
+def test_run_writes_config_and_per_epoch_logs(classify_run: dict) -> None:
+    out, result = classify_run["out"], classify_run["result"]
+    assert classify_run["trainer"].steps_per_epoch == 840 // 32
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"] == classify_run["config"].to_dict()
+    assert config["model"] == classify_run["trainer"].model.config.to_dict()
+    assert (config["device"], config["amp"], config["steps_per_epoch"]) == ("cpu", False, 26)
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [set(line) for line in lines] == [METRIC_KEYS, METRIC_KEYS]
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 26), (2, 30)]
+    assert lines == [asdict(m) for m in result.history] == [asdict(m) for m in classify_run["epochs"]]
+    assert [float(x) for x in (out / "epoch_loss.txt").read_text().split()] == [m["train_loss"] for m in lines]
+    assert [float(x) for x in (out / "epoch_val_loss.txt").read_text().split()] == [m["val_loss"] for m in lines]
+    for line in lines:
+        assert 0 <= line["val_accuracy"] <= 1 and 0 <= line["val_roc_auc"] <= 1 and 0 < line["threshold"] < 1
+        assert line["images_per_s"] == pytest.approx(2 * line["pairs_per_s"])
+
+
+def test_loss_chart_is_a_png(classify_run: dict) -> None:
+    with Image.open(classify_run["out"] / "epoch_loss.png") as chart:
+        assert chart.format == "PNG"
+        assert chart.size == (720, 440)
+        assert len(chart.getcolors(1 << 16)) > 2  # axes, text and coloured lines, not a blank page
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_checkpoints_load_with_weights_only(classify_run: dict, name: str) -> None:
+    state = torch.load(classify_run["out"] / name, map_location="cpu", weights_only=True)
+    model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    history = classify_run["result"].history
+    best = max(history, key=lambda m: m.val_roc_auc)
+    saved = best if name == "best.pt" else history[-1]
+    assert state["training"]["step"] == saved.step
+    assert state["threshold"] == saved.threshold
+    assert state["metrics"]["roc_auc"] == saved.val_roc_auc
+    assert state["train_config"] == classify_run["config"].to_dict()
+
+
+def test_max_steps_is_honoured(classify_run: dict) -> None:
+    progress = classify_run["progress"]
+    assert [p.step for p in progress] == [5, 10, 15, 20, 25, 30]
+    assert {p.total_steps for p in progress} == {30}
+    assert classify_run["trainer"].step == 30
+    assert torch.load(classify_run["out"] / "last.pt", weights_only=True)["training"]["step"] == 30
+
+
+@pytest.mark.parametrize(("epochs", "max_steps", "total"), [(3, None, 15), (3, 7, 7), (2, 1000, 10)])
+def test_total_steps_is_the_smaller_of_epochs_and_max_steps(
+    small: ImageSet, tmp_path: Path, epochs: int, max_steps: int | None, total: int
+) -> None:
+    config = preset("fast", epochs=epochs, max_steps=max_steps, batch_size=16, val_pairs=50)
+    trainer = Trainer(config, small, tmp_path, CPU)
+    assert (trainer.steps_per_epoch, trainer.total_steps) == (80 // 16, total)
+
+
+def test_learning_rate_follows_the_scaled_warm_cosine_schedule(classify_run: dict) -> None:
+    config = classify_run["config"]
+    base = config.lr * config.batch_size / 64
+    for report in classify_run["progress"]:
+        expected = base * warm_cosine(report.step, 30, config.warmup_fraction, config.min_lr_fraction)
+        assert report.lr == pytest.approx(expected)
+
+
+def test_classify_loss_falls(classify_run: dict) -> None:
+    losses = [p.loss for p in classify_run["progress"]]
+    assert losses[-1] < 0.75 * losses[0]
+    history = classify_run["result"].history
+    assert history[1].train_loss < history[0].train_loss
+
+
+def test_pair_objective_loss_falls(small: ImageSet, tmp_path: Path) -> None:
+    config = preset(
+        "fast", objective="pair", max_steps=12, batch_size=16, lr=1.0, augment=False, val_pairs=50, log_every=4
+    )
+    progress: list[Progress] = []
+    result = Trainer(config, small, tmp_path / "pair", CPU, on_progress=progress.append).fit()
+    losses = [p.loss for p in progress]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0] - 0.05
+    assert losses[-1] < math.log(2)  # better than a 50/50 guess
+    assert result.history[-1].step == 12
+    assert torch.load(result.last_checkpoint, weights_only=True)["training"]["classifier"] is None
+
+
+def test_refuses_to_overwrite_a_run(classify_run: dict, small: ImageSet) -> None:
+    out = classify_run["out"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputError, match=r"already holds checkpoints; pass --resume .*last\.pt"):
+        Trainer(preset("fast", max_steps=1, batch_size=16, val_pairs=50), small, out, CPU).fit()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_out_dir_that_is_a_file_is_refused(small: ImageSet, tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(OutputError, match="is a file"):
+        Trainer(preset("fast", max_steps=1, batch_size=16, val_pairs=50), small, tmp_path / "run", CPU).fit()
+
+
+def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return trainer.model.state_dict() | {f"classifier.{k}": v for k, v in trainer.classifier.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "schedule"),
+    [
+        # a crash after the epoch-1 checkpoint (step 5 of 8): same config both times, warm-up + cosine
+        (None, {}),
+        # a run stopped by --max-steps 3 (mid-epoch), then resumed with --max-steps 8; a flat schedule,
+        # because the warm-up + cosine schedule is stretched over max_steps and so differs between 3 and 8
+        (3, {"warmup_fraction": 0.0, "min_lr_fraction": 1.0}),
+    ],
+    ids=["crash-after-epoch", "max-steps-mid-epoch"],
+)
+def test_resume_gives_the_uninterrupted_weights(
+    small: ImageSet, tmp_path: Path, stop_at: int | None, schedule: dict
+) -> None:
+    config = preset("fast", max_steps=8, batch_size=16, val_pairs=50, log_every=2, **schedule)
+    uninterrupted = Trainer(config, small, tmp_path / "whole", CPU)
+    uninterrupted.fit()
+
+    out = tmp_path / "pieces"
+    if stop_at is None:
+
+        def crash(metrics: EpochMetrics) -> None:
+            raise Interrupted
+
+        with pytest.raises(Interrupted):
+            Trainer(config, small, out, CPU, on_epoch=crash).fit()
+    else:
+        Trainer(replace(config, max_steps=stop_at), small, out, CPU).fit()
+    assert torch.load(out / "last.pt", weights_only=True)["training"]["step"] == (stop_at or 5)
+
+    resumed = Trainer(config, small, out, CPU)
+    result = resumed.fit(resume=out / "last.pt")
+    assert resumed.step == 8
+    assert result.history[-1].step == 8
+    expected = state_of(uninterrupted)
+    assert state_of(resumed).keys() == expected.keys()
+    for name, tensor in state_of(resumed).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert result.history[-1].train_loss == pytest.approx(uninterrupted.history[-1].train_loss, abs=1e-6)
+
+
+def test_resume_with_another_objective_is_refused(classify_run: dict, small: ImageSet, tmp_path: Path) -> None:
+    trainer = Trainer(preset("fast", objective="pair", max_steps=8, batch_size=16, val_pairs=50), small, tmp_path, CPU)
+    with pytest.raises(CheckpointError, match="another objective"):
+        trainer.fit(resume=classify_run["out"] / "last.pt")
+
+
+@pytest.mark.parametrize(
+    ("step", "factor"),
+    # total 105 steps, 5 % warm-up = 5 steps, then cosine from 1 to 0.01 over the remaining 100
+    [(0, 0.2), (1, 0.4), (4, 1.0), (5, 1.0), (55, 0.505), (105, 0.01), (500, 0.01)],
+)
+def test_warm_cosine_values(step: int, factor: float) -> None:
+    assert warm_cosine(step, 105, 0.05, 0.01) == pytest.approx(factor)
+
+
+def test_warm_cosine_rises_then_falls() -> None:
+    factors = [warm_cosine(step, 200, 0.1, 0.05) for step in range(200)]
+    assert factors.index(max(factors)) == 19 and max(factors) == 1.0
+    assert all(a < b for a, b in pairwise(factors[:20]))
+    assert all(a >= b for a, b in pairwise(factors[19:]))
+    assert warm_cosine(0, 10, 0.0, 1.0) == warm_cosine(7, 10, 0.0, 1.0) == 1.0
+
+
+def test_calibrate_head_fits_a_scaled_l1_distance(classify_run: dict) -> None:
+    trainer = classify_run["trainer"]
+    model = copy.deepcopy(trainer.model)
+    pairs = trainer.calibration_pairs
+    embeddings = embed_pixels(model, trainer.val_set.pixels, CPU)
+    distance = (embeddings[pairs.first] - embeddings[pairs.second]).abs().sum(1)
+    target = pairs.same.float()
+
+    def bce(scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(bias - scale * distance, target)
+
+    initial = bce(1 / distance.std(), distance.mean() / distance.std())  # logit = −(d − mean) / std
+    calibrate_head(model, embeddings, pairs)
+    weight, bias = model.head.weight.detach(), model.head.bias.detach()
+    assert torch.all(weight == weight[0, 0]) and weight[0, 0] < 0  # one negative weight on Σ|e1 − e2|
+    scale = (-weight[0, 0]).clone().requires_grad_()
+    offset = bias[0].clone().requires_grad_()
+    fitted = bce(scale, offset)
+    fitted.backward()
+    assert fitted.item() < initial.item()
+    assert fitted.item() < math.log(2)
+    # an optimum: no slope left (the scale's gradient in the units of the standardised distance)
+    assert abs(float(scale.grad / distance.std())) < 1e-3 and abs(float(offset.grad)) < 1e-3
+    logits = model.score_embeddings(embeddings[pairs.first], embeddings[pairs.second])
+    assert roc_auc(logits, pairs.same) == pytest.approx(roc_auc(-distance, pairs.same))
+
+
+def test_calibrate_head_refuses_a_two_layer_head(classify_run: dict) -> None:
+    model = copy.deepcopy(classify_run["trainer"].model)
+    model.head = nn.Sequential(nn.Linear(64, 512), nn.Linear(512, 1))  # the vgg16 head
+    embeddings = torch.rand(10, 64)
+    with pytest.raises(TrainingError, match="use the pair objective"):
+        calibrate_head(model, embeddings, classify_run["trainer"].calibration_pairs)

@@ -1,0 +1,123 @@
+"""The Verifier: loading a trained checkpoint, scoring pairs of image files or arrays, deciding by threshold."""
+
+from __future__ import annotations
+
+import io
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siamese_omniglot.checkpoint import load_checkpoint, save_checkpoint
+from siamese_omniglot.config import preset
+from siamese_omniglot.data import decode_image, load_folder, read_image
+from siamese_omniglot.errors import CheckpointError, DataError, DeviceError
+from siamese_omniglot.models import build_model
+from siamese_omniglot.train import Trainer
+from siamese_omniglot.verify import Comparison, Verifier
+
+
+@pytest.fixture(scope="module")
+def checkpoint(mini_background: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = preset("fast", max_steps=10, batch_size=32, val_pairs=50, log_every=5)
+    out = tmp_path_factory.mktemp("verify") / "run"
+    return Trainer(config, load_folder(mini_background), out, torch.device("cpu")).fit().best_checkpoint
+
+
+@pytest.fixture(scope="module")
+def verifier(checkpoint: Path) -> Verifier:
+    return Verifier.from_checkpoint(checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def characters(mini_evaluation: Path) -> list[list[Path]]:
+    """Image paths of 6 unseen characters (two per alphabet), 3 drawings each."""
+    folders = sorted(p for p in mini_evaluation.glob("*/*") if p.is_dir())[::3]
+    return [sorted(folder.glob("*.png"))[:3] for folder in folders]
+
+
+def test_from_checkpoint_uses_the_stored_model_and_threshold(checkpoint: Path, verifier: Verifier) -> None:
+    state = load_checkpoint(checkpoint)
+    assert verifier.threshold == state["threshold"]
+    assert verifier.device == torch.device("cpu")
+    assert not verifier.model.training
+    assert verifier.model.config.to_dict() == state["model_config"]
+    assert all(torch.equal(v, state["model"][k]) for k, v in verifier.model.state_dict().items())
+
+
+def test_compare_returns_a_decided_comparison(verifier: Verifier, characters: list[list[Path]]) -> None:
+    for first, second in [(characters[0][0], characters[0][1]), (characters[0][0], characters[1][0])]:
+        result = verifier.compare(first, second)
+        assert isinstance(result, Comparison)
+        assert 0 <= result.score <= 1
+        assert result.same == (result.score >= verifier.threshold)
+        assert result.threshold == verifier.threshold
+        assert result.to_dict() == {"score": result.score, "same": result.same, "threshold": result.threshold}
+
+
+def test_score_is_symmetric(verifier: Verifier, characters: list[list[Path]]) -> None:
+    a, b = characters[2][0], characters[3][1]
+    assert verifier.score(a, b) == pytest.approx(verifier.score(b, a), abs=1e-6)
+
+
+def test_identical_images_score_at_least_as_high_as_other_characters(
+    verifier: Verifier, characters: list[list[Path]]
+) -> None:
+    images = [drawings[0] for drawings in characters]
+    identical = [verifier.score(image, image) for image in images]
+    different = [verifier.score(a, b) for a, b in pairwise(images)]
+    assert np.mean(identical) >= np.mean(different)
+    assert min(identical) == pytest.approx(max(identical), abs=1e-6)  # distance 0 always gives the same score
+
+
+def test_paths_and_arrays_give_the_same_score(verifier: Verifier, characters: list[list[Path]]) -> None:
+    first, second = characters[4][0], characters[4][1]
+    by_path = verifier.score(first, second)
+    assert verifier.score(str(first), str(second)) == by_path
+    assert verifier.score(read_image(first), read_image(second)) == pytest.approx(by_path, abs=1e-6)
+    assert verifier.score(first, torch.tensor(read_image(second))) == pytest.approx(by_path, abs=1e-6)
+
+
+def test_an_array_of_another_size_is_fitted_like_a_file(verifier: Verifier, characters: list[list[Path]]) -> None:
+    """An array is taken as the picture it is: scored like a PNG file holding those pixels."""
+    first, second = characters[5][0], characters[5][1]
+    enlarged = np.asarray(Image.open(second).convert("L").resize((160, 120), Image.NEAREST))
+    png = io.BytesIO()
+    Image.fromarray(enlarged).save(png, format="PNG")
+    as_file = decode_image(png.getvalue(), "enlarged.png")
+    assert verifier.score(first, enlarged) == pytest.approx(verifier.score(first, as_file), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_text("not an image"), "not a readable image"),
+    ],
+    ids=["missing", "directory", "empty", "text"],
+)
+def test_bad_image_path_is_a_data_error(
+    verifier: Verifier, characters: list[list[Path]], tmp_path: Path, make, message: str
+) -> None:
+    bad = tmp_path / "b.png"
+    make(bad)
+    with pytest.raises(DataError, match=message):
+        verifier.compare(characters[0][0], bad)
+
+
+def test_weights_that_do_not_fit_the_config_are_a_checkpoint_error(checkpoint: Path, tmp_path: Path) -> None:
+    state = load_checkpoint(checkpoint)
+    state["model"] = build_model("fast", width=32).state_dict()
+    broken = save_checkpoint(state, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="weights do not fit its model config"):
+        Verifier.from_checkpoint(broken, "cpu")
+
+
+def test_unknown_device_is_a_device_error(checkpoint: Path) -> None:
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        Verifier.from_checkpoint(checkpoint, "tpu")

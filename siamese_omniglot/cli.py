@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from .config import PRESETS, preset
 from .data.episodes import load_lake_runs, sample_episodes
 from .data.omniglot import MIRROR_ENV, load_evaluation_set, load_training_set
 from .data.pairs import fixed_pairs
-from .errors import ConfigError, SiameseError
+from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
 
 app = typer.Typer(
@@ -92,22 +93,43 @@ def _setup_logging() -> None:
         log.setLevel(logging.WARNING)
 
 
+def _truth(value: str | None, option: str) -> bool | None:
+    """The reference's ``True``/``False`` option values."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("true", "1", "yes"):
+        return True
+    if value.strip().lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{option} takes True or False, not {value!r}")
+
+
 @app.command()
 def train(
     preset_name: Annotated[
         str | None, typer.Option("--preset", help=f"Training preset: {', '.join(PRESETS)} \\[default: fast]")
     ] = None,
-    data: DataOption = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "--train_data_path", help="Data root: Omniglot archives or folders, or a custom "
+                     "<group>/<class>/<image> tree \\[default: $SIAMESE_DATA, else ./datasets]"),
+    ] = None,
     mirror: MirrorOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder \\[default: logs/<timestamp>]")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs \\[default: preset's]")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", "--epoch", min=1, help="Epochs \\[default: preset's]")
+    ] = None,
     max_steps: Annotated[
-        int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps")
+        int | None, typer.Option("--max-steps", "--max_steps", min=1, help="Stop after this many optimizer steps")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Items per step (pair objective: 1 item = 2 pairs)")
+        int | None,
+        typer.Option("--batch-size", "--batch_size", min=1,
+                     help="Items per step and process (pair objective: 1 item = 2 pairs)"),
     ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate for a batch of 64 (scaled linearly)")] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate for a global batch of 64 (scaled linearly)")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed \\[default: preset's]")] = None,
     device: DeviceOption = "auto",
     amp: Annotated[
@@ -121,18 +143,38 @@ def train(
         typer.Option("--resume", help="Continue the run of this last.pt with its own settings (only --epochs "
                      "and --max-steps may change)"),
     ] = None,
+    nproc_per_node: Annotated[
+        int, typer.Option("--nproc-per-node", "--nproc_per_node", min=1,
+                          help="Processes on this machine, one per device, started by torch.distributed.run")
+    ] = 1,
+    log_every: Annotated[
+        int | None, typer.Option("--log-every", min=1, help="Steps between progress reports \\[default: 50]")
+    ] = None,
+    distributed: Annotated[
+        str | None, typer.Option("--distributed", hidden=True, help="Reference spelling: True/False")
+    ] = None,
+    use_amp: Annotated[
+        str | None, typer.Option("--use_amp", hidden=True, help="Reference spelling: True/False")
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model_name", hidden=True, help="Reference: Siamese (selects the seed preset)")
+    ] = None,
 ) -> None:
     """Train a Siamese network on Omniglot's background alphabets (or a custom tree)."""
+    from .distributed import init_distributed, launch, shutdown
     from .train import Trainer, check_run_dir, default_out_dir, resume_config
 
     _setup_logging()
     with _errors_as_exit():
-        torch_device = devices.resolve_device(device)
+        if model_name is not None and model_name.lower() != "siamese":
+            raise ConfigError(f"--model_name {model_name!r}: only Siamese is provided")
+        amp = amp if use_amp is None else _truth(use_amp, "--use_amp")
+        processes = nproc_per_node if _truth(distributed, "--distributed") is not False else 1
         if resume is None:
             settings = dict(batch_size=batch_size, lr=lr, seed=seed, amp=amp, pretrained=pretrained)
-            config = preset(preset_name or "fast", epochs=epochs, max_steps=max_steps, **settings)
+            default = "seed" if model_name is not None else "fast"  # the reference's recipe for its command lines
+            config = preset(preset_name or default, epochs=epochs, max_steps=max_steps, log_every=log_every, **settings)
             run_dir = out_dir or default_out_dir()
-            check_run_dir(run_dir)
         else:
             fixed = {"--preset": preset_name, "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--amp": amp,
                      "--pretrained": pretrained}
@@ -141,23 +183,84 @@ def train(
                 raise ConfigError(f"--resume continues with the checkpoint's settings; drop {', '.join(given)}")
             config = resume_config(resume, epochs=epochs, max_steps=max_steps)
             run_dir = out_dir or resume.parent
-        with _progress_bar() as update:
-            images = load_training_set(data, mirror, progress=update)
-        err.print(f"training preset {config.preset} on {torch_device} → {run_dir}", markup=False, highlight=False)
-        with _training_display() as (on_progress, on_epoch):
-            trainer = Trainer(config, images, run_dir, torch_device, on_progress=on_progress, on_epoch=on_epoch)
-            result = trainer.fit(resume=resume)
+        if processes > 1 and "WORLD_SIZE" not in os.environ:
+            devices.resolve_device(device)
+            if resume is None:
+                check_run_dir(run_dir)
+            with _progress_bar() as update:
+                load_training_set(data, mirror, progress=update)  # fetch and decode once, before the workers
+            err.print(f"starting {processes} processes through torch.distributed.run", highlight=False)
+            args = _worker_args(config, resume, data=data, mirror=mirror, out=run_dir, device=device,
+                                epochs=epochs, max_steps=max_steps)
+            code = launch(processes, ["train", *args])
+            if code != 0:
+                raise TrainingError(f"the training processes failed (exit code {code}); see their messages above")
+            return
+        context, torch_device = init_distributed(device)
+        if resume is None and context.is_main:
+            check_run_dir(run_dir)
+        with context.main_first(), _progress_bar() as update:
+            images = load_training_set(data, mirror, progress=update if context.is_main else None)
+        records = None
+        if context.is_main:
+            where = f"{torch_device} × {context.world_size}" if context.enabled else str(torch_device)
+            err.print(f"training preset {config.preset} on {where} → {run_dir}", markup=False, highlight=False)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise OutputError(f"{run_dir}: cannot create ({error.strerror})") from None
+            records = run_dir / "dllogger.json"
+        try:
+            with _training_display(records) as (on_progress, on_epoch):
+                trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, dist=context)
+                result = trainer.fit(resume=resume)
+        finally:
+            shutdown(context)
+    if not context.is_main:
+        return
     best = max(result.history, key=lambda m: m.val_roc_auc)
     out.print(f"best checkpoint: {result.best_checkpoint} (val ROC AUC {best.val_roc_auc:.4f}, "
               f"val accuracy {best.val_accuracy:.4f} at threshold {best.threshold:.3f})", markup=False, highlight=False)
     out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
 
 
+def _worker_args(config, resume: Path | None, **given) -> list[str]:
+    """The ``train`` options of one worker: everything resolved here, passed explicitly."""
+    if resume is not None:
+        values = {"resume": resume, **given}
+    else:
+        settings = {k: v for k, v in config.to_dict().items() if k in ("batch_size", "lr", "seed", "log_every")}
+        values = {"preset": config.preset, **settings, **given}
+        values |= {"amp": config.amp, "pretrained": config.pretrained or None}
+    args: list[str] = []
+    for name, value in values.items():
+        option = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(option if value else f"--no-{name}")
+        else:
+            args += [option, str(value)]
+    return args
+
+
 @contextlib.contextmanager
-def _training_display():
-    """Callbacks for the Trainer: a live bar with loss, pairs/s and ETA on a terminal, plain lines otherwise."""
+def _training_display(records: Path | None):
+    """Callbacks for the Trainer: a live bar with loss, pairs/s and ETA on a terminal, plain lines otherwise;
+    progress also goes to ``records`` through ``tcap_dllogger`` when that is installed."""
+    from .dllog import dllogger_callback
     from .train import EpochMetrics
     from .train import Progress as TrainProgress
+
+    record = dllogger_callback(records) if records is not None else None
+
+    def also_record(show):
+        def both(p: TrainProgress) -> None:
+            show(p)
+            if record is not None:
+                record(p)
+
+        return both
 
     def epoch_line(m: EpochMetrics) -> str:
         return (f"epoch {m.epoch} step {m.step}: train loss {m.train_loss:.4f}, val loss {m.val_loss:.4f}, "
@@ -168,7 +271,7 @@ def _training_display():
             err.print(f"step {p.step}/{p.total_steps} epoch {p.epoch + 1}: loss {p.loss:.4f}, lr {p.lr:.3g}, "
                       f"{p.pairs_per_s:,.0f} pairs/s, {p.images_per_s:,.0f} images/s", highlight=False)
 
-        yield plain, lambda m: err.print(epoch_line(m), highlight=False)
+        yield also_record(plain), lambda m: err.print(epoch_line(m), highlight=False)
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[status]}"))
@@ -179,7 +282,7 @@ def _training_display():
             progress.update(task, total=p.total_steps, completed=p.step,
                             status=f"loss {p.loss:.4f} · {p.pairs_per_s:,.0f} pairs/s")
 
-        yield live, lambda m: progress.console.print(epoch_line(m), highlight=False)
+        yield also_record(live), lambda m: progress.console.print(epoch_line(m), highlight=False)
 
 
 @app.command("eval")

@@ -38,6 +38,8 @@ class TrainConfig:
     val_fraction: float = 0.15  # fraction of alphabets held out for validation
     val_pairs: int = 1000  # same and different validation pairs each (twice for calibration)
     pretrained: bool = False  # vgg16 only: start from ImageNet weights
+    input_px: int | None = None  # model input size (None: the backbone's default)
+    batch_norm: bool | None = None  # fast backbone only (None: on)
     log_every: int = 50  # steps between progress reports (the only host syncs)
 
     def __post_init__(self) -> None:
@@ -58,6 +60,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain dict for JSON and checkpoints."""
         return asdict(self)
+
+    def model_overrides(self) -> dict:
+        """The ModelConfig settings this config changes from the backbone's defaults."""
+        values = {"input_px": self.input_px, "batch_norm": self.batch_norm}
+        return {name: value for name, value in values.items() if value is not None}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

@@ -36,6 +36,7 @@ class ModelConfig:
     width: int = 64  # channels of the fast backbone's blocks
     blocks: int = 4  # conv blocks of the fast backbone
     normalize: bool = False  # L2-normalise embeddings (embedding objective)
+    batch_norm: bool = True  # fast backbone: batch norm after each conv (off: exact multi-process equivalence)
 
     def to_dict(self) -> dict:
         """Plain dict for checkpoints and JSON."""
@@ -61,14 +62,14 @@ def resize_to(images: torch.Tensor, size_px: int) -> torch.Tensor:
 class FastEmbedding(nn.Module):
     """``blocks`` × (3 × 3 conv, batch norm, ReLU, 2 × 2 max-pool), flattened."""
 
-    def __init__(self, input_px: int, width: int, blocks: int) -> None:
+    def __init__(self, input_px: int, width: int, blocks: int, batch_norm: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels, size = 1, input_px
         for _ in range(blocks):
             layers += [
-                nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
+                nn.Conv2d(channels, width, 3, padding=1, bias=not batch_norm),
+                nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
             ]
@@ -129,6 +130,31 @@ def _similarity_head(config: ModelConfig, dim: int) -> nn.Module:
     return nn.Linear(dim, 1)  # Koch's weighted L1 distance
 
 
+def _backbone(config: ModelConfig, pretrained: bool) -> nn.Module:
+    if config.backbone == "fast":
+        return FastEmbedding(config.input_px, config.width, config.blocks, config.batch_norm)
+    if config.backbone == "koch":
+        return KochEmbedding(config.input_px)
+    if config.backbone == "vgg16":
+        return VGG16Embedding(config.input_px, pretrained)
+    raise ConfigError(f"unknown backbone {config.backbone!r}: choose one of {', '.join(BACKBONES)}")
+
+
+class Embedding(nn.Module):
+    """The shared twin: resize to the backbone's input, run it, optionally L2-normalise."""
+
+    def __init__(self, config: ModelConfig, pretrained: bool = False) -> None:
+        super().__init__()
+        self.backbone = _backbone(config, pretrained)
+        self.input_px = config.input_px
+        self.normalize = config.normalize
+        self.dim = self.backbone.dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vectors = self.backbone(resize_to(images, self.input_px))
+        return F.normalize(vectors, dim=1) if self.normalize else vectors
+
+
 class SiameseNetwork(nn.Module):
     """Twin network with shared weights: ``forward(x1, x2)`` gives one same-class logit per pair.
 
@@ -140,14 +166,7 @@ class SiameseNetwork(nn.Module):
     def __init__(self, config: ModelConfig, pretrained: bool = False) -> None:
         super().__init__()
         self.config = config
-        if config.backbone == "fast":
-            self.embedding = FastEmbedding(config.input_px, config.width, config.blocks)
-        elif config.backbone == "koch":
-            self.embedding = KochEmbedding(config.input_px)
-        elif config.backbone == "vgg16":
-            self.embedding = VGG16Embedding(config.input_px, pretrained)
-        else:
-            raise ConfigError(f"unknown backbone {config.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        self.embedding = Embedding(config, pretrained)
         self.head = _similarity_head(config, self.embedding.dim)
 
     @property
@@ -157,8 +176,7 @@ class SiameseNetwork(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Embed ink images [N, 1, H, W] of any size into vectors [N, embedding_dim]."""
-        vectors = self.embedding(resize_to(images, self.config.input_px))
-        return F.normalize(vectors, dim=1) if self.config.normalize else vectors
+        return self.embedding(images)
 
     def score_embeddings(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """Same-class logits [N] for pairs of embeddings [N, D] (broadcasting allowed)."""

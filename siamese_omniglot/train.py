@@ -35,6 +35,7 @@ from .config import REFERENCE_BATCH, TrainConfig
 from .data.augment import random_affine
 from .data.images import ImageSet, to_ink
 from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_validation
+from .distributed import DistributedContext
 from .errors import CheckpointError, OutputError, TrainingError
 from .evaluate import PairMetrics, best_threshold, embed_pixels, pair_logits, pair_metrics
 from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model, resize_to
@@ -159,8 +160,35 @@ def calibrate_head(model: SiameseNetwork, embeddings: torch.Tensor, pairs: Pairs
         head.bias.fill_(float(b.detach() + scale * centre))
 
 
+class _ClassifyObjective(nn.Module):
+    """Softmax over training characters on the shared embedding (the head is not involved)."""
+
+    def __init__(self, model: SiameseNetwork, classifier: CosineClassifier) -> None:
+        super().__init__()
+        self.embedding, self.classifier = model.embedding, classifier
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.classifier(self.embedding(images)).float(), labels)
+
+
+class _PairObjective(nn.Module):
+    """The reference's loss: binary cross-entropy on the head's logit for each pair."""
+
+    def __init__(self, model: SiameseNetwork) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self.model(first, second).float(), same.float())
+
+
 class Trainer:
     """Trains a SiameseNetwork on an ImageSet and writes logs and checkpoints to ``out_dir``.
+
+    In a multi-process job (see :mod:`siamese_omniglot.distributed`) every rank builds its own Trainer;
+    gradients are averaged by ``DistributedDataParallel``, each rank draws its own pairs and distortions,
+    and rank 0 alone validates and writes files. ``batch_size`` is per rank: the global batch is
+    ``batch_size × world_size``.
 
     Args:
         config: what to train and how.
@@ -168,8 +196,9 @@ class Trainer:
             them for validation.
         out_dir: the run folder; must be new or empty unless resuming.
         device: the training device (see :mod:`siamese_omniglot.devices`).
-        on_progress: called every ``config.log_every`` steps.
-        on_epoch: called after every validation.
+        on_progress: called every ``config.log_every`` steps (rank 0 only).
+        on_epoch: called after every validation (rank 0 only).
+        dist: this process's place in a multi-process job (default: alone).
     """
 
     def __init__(
@@ -180,12 +209,14 @@ class Trainer:
         device: torch.device,
         on_progress: Callable[[Progress], None] | None = None,
         on_epoch: Callable[[EpochMetrics], None] | None = None,
+        dist: DistributedContext | None = None,
     ) -> None:
         self.config = config
         self.device = device
+        self.dist = dist or DistributedContext()
         self.out_dir = Path(out_dir)
-        self.on_progress = on_progress
-        self.on_epoch = on_epoch
+        self.on_progress = on_progress if self.dist.is_main else None
+        self.on_epoch = on_epoch if self.dist.is_main else None
         self.amp = devices.amp_default(device) if config.amp is None else config.amp
         train, val = split_validation(images, config.val_fraction, config.seed)
         self.train_set, self.val_set = train, val
@@ -194,24 +225,29 @@ class Trainer:
             train.num_classes, len(train), val.num_classes, len(val.group_names),
         )
         torch.manual_seed(config.seed)
-        self.model = build_model(config.backbone, pretrained=config.pretrained).to(device)
-        self.classifier = (
-            CosineClassifier(self.model.embedding_dim, train.num_classes).to(device)
-            if config.objective == "classify"
-            else None
-        )
+        self.model = build_model(config.backbone, pretrained=config.pretrained, **config.model_overrides()).to(device)
+        if config.objective == "classify":
+            self.classifier = CosineClassifier(self.model.embedding_dim, train.num_classes).to(device)
+            objective: nn.Module = _ClassifyObjective(self.model, self.classifier)
+        else:
+            self.classifier = None
+            objective = _PairObjective(self.model)
+        if self.dist.enabled:
+            ids = [device.index] if device.type != "cpu" else None
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        self.objective = objective
         self.staged = stage_images(train.pixels, self.model.config.input_px, device)
         self.labels = train.labels.to(device)
         self.sampler = PairSampler(train, config.within_alphabet)
         self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)
         self.val_pairs = fixed_pairs(val, config.val_pairs, config.seed + 2, config.within_alphabet)
-        self.steps_per_epoch = max(1, len(train) // config.batch_size)
+        self.global_batch = config.batch_size * self.dist.world_size
+        self.steps_per_epoch = max(1, len(train) // self.global_batch)
         planned = config.epochs * self.steps_per_epoch
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
-        params = list(self.model.parameters()) + (list(self.classifier.parameters()) if self.classifier else [])
         self.optimizer = torch.optim.SGD(
-            params,
-            lr=config.lr * config.batch_size / REFERENCE_BATCH,
+            objective.parameters(),
+            lr=config.lr * self.global_batch / REFERENCE_BATCH,
             momentum=config.momentum,
             nesterov=True,
             weight_decay=config.weight_decay,
@@ -234,8 +270,9 @@ class Trainer:
         """Train until ``epochs`` or ``max_steps``; returns where the checkpoints are."""
         if resume is not None:
             self._restore(resume)
-        else:
+        elif self.dist.is_main:
             self._prepare_out_dir()
+        self.dist.barrier()
         self.model.train()
         while self.epoch < self.config.epochs and self.step < self.total_steps:
             self._run_epoch()
@@ -245,8 +282,8 @@ class Trainer:
 
     def _run_epoch(self) -> None:
         config = self.config
-        generator = seeded_generator(config.seed, self.epoch)
-        order = torch.randperm(len(self.train_set), generator=generator)
+        order = torch.randperm(len(self.train_set), generator=seeded_generator(config.seed, self.epoch))
+        generator = seeded_generator(config.seed, self.epoch, self.dist.rank)  # this rank's pairs and distortions
         if self.generator_state is not None:  # resuming mid-epoch
             generator.set_state(self.generator_state)
             self.generator_state = None
@@ -263,7 +300,8 @@ class Trainer:
             self.step += 1
             self.step_in_epoch += 1
             if self.step % config.log_every == 0 or self.step == self.total_steps:
-                mean_loss = float(interval_loss) / interval_steps  # the only host sync of the loop
+                # the only host sync of the loop: every rank reaches it at the same step
+                mean_loss = float(self.dist.all_reduce_mean(interval_loss)) / interval_steps
                 if not math.isfinite(mean_loss):
                     raise TrainingError(
                         f"the loss became {mean_loss} by step {self.step}; the last good checkpoint is kept — "
@@ -276,33 +314,31 @@ class Trainer:
                 interval_steps, interval_started = 0, now
         devices.synchronize(self.device)
         seconds = time.perf_counter() - started
-        finished_epoch = self.step_in_epoch >= self.steps_per_epoch
-        if finished_epoch:
+        if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         else:
             self.generator_state = generator.get_state()
         images_per_s = steps_done * self.images_per_step / max(seconds, 1e-9)
-        self._end_epoch(float(loss_sum) / max(steps_done, 1), images_per_s, seconds)
+        train_loss = float(self.dist.all_reduce_mean(loss_sum)) / max(steps_done, 1)
+        self._end_epoch(train_loss, images_per_s, seconds)
 
     @property
     def images_per_step(self) -> int:
-        """Images through the network per optimizer step."""
+        """Images through the network per optimizer step, over all ranks."""
         per_item = 4 if self.config.objective == "pair" else 1
-        return self.config.batch_size * per_item
+        return self.global_batch * per_item
 
     def train_step(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One optimizer step on the next batch of the epoch (``order``: the epoch's image permutation)."""
-        config = self.config
+        """One optimizer step on this rank's share of the next batch (``order``: the epoch's permutation)."""
+        size = self.config.batch_size
         if self.classifier is not None:
-            start = self.step_in_epoch * config.batch_size
-            index = order[start : start + config.batch_size].to(self.device, non_blocking=True)
+            start = (self.step_in_epoch * self.dist.world_size + self.dist.rank) * size
+            index = order[start : start + size].to(self.device, non_blocking=True)
             images, labels = self.batch(index, generator), self.labels[index]
-            return self.optimize(lambda: F.cross_entropy(self.classifier(self.model.embed(images)).float(), labels))
-        pairs = self.sampler.sample(config.batch_size, generator).to(self.device)
+            return self.optimize(lambda: self.objective(images, labels))
+        pairs = self.sampler.sample(size, generator).to(self.device)
         first, second = self.batch(torch.cat([pairs.first, pairs.second]), generator).chunk(2)
-        return self.optimize(
-            lambda: F.binary_cross_entropy_with_logits(self.model(first, second).float(), pairs.same.float())
-        )
+        return self.optimize(lambda: self.objective(first, second, pairs.same))
 
     def optimize(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Forward (under autocast) and backward ``loss_fn``, then step the optimizer, scaler and schedule."""
@@ -344,10 +380,14 @@ class Trainer:
 
     def save_snapshot(self, path: str | Path) -> Path:
         """Validate now and save a checkpoint of the current state to ``path`` (outside the best/last pair)."""
-        return save_checkpoint(self._state(self.validate()), path)
+        return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(self.generator_state)), path)
 
     def _end_epoch(self, train_loss: float, images_per_s: float, seconds: float) -> None:
-        val = self.validate()
+        generators = self.dist.gather_objects(self.generator_state)  # collective: every rank takes part
+        val = self.validate() if self.dist.is_main else None
+        val = self.dist.broadcast_object(val)
+        # rank 0 calibrated the head and holds the batch-norm statistics the checkpoint records
+        self.dist.broadcast([*self.model.head.parameters(), *self.model.buffers()])
         metrics = EpochMetrics(
             epoch=self.epoch if self.step_in_epoch == 0 else self.epoch + 1,
             step=self.step,
@@ -363,19 +403,20 @@ class Trainer:
             seconds=seconds,
         )
         self.history.append(metrics)
-        state = self._state(val)
         improved = val.roc_auc > self.best_auc
         if improved:
             self.best_auc = val.roc_auc
-            state["training"]["best_auc"] = self.best_auc
-        save_checkpoint(state, self.out_dir / "last.pt")
-        if improved:
-            save_checkpoint(state, self.out_dir / "best.pt")
-        self._write_logs(metrics)
+        if self.dist.is_main:
+            state = self._state(val, generators)
+            save_checkpoint(state, self.out_dir / "last.pt")
+            if improved:
+                save_checkpoint(state, self.out_dir / "best.pt")
+            self._write_logs(metrics)
+        self.dist.barrier()
         if self.on_epoch is not None:
             self.on_epoch(metrics)
 
-    def _state(self, val: PairMetrics) -> dict:
+    def _state(self, val: PairMetrics, generators: list) -> dict:
         return {
             "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(),
@@ -386,9 +427,10 @@ class Trainer:
             "training": {
                 "epoch": self.epoch,
                 "step": self.step,
-                "step_in_epoch": self.step_in_epoch,
+                "items_in_epoch": self.step_in_epoch * self.global_batch,
+                "world_size": self.dist.world_size,
                 "best_auc": self.best_auc,
-                "generator": self.generator_state,
+                "generators": generators,  # one per rank; None at an epoch boundary
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -420,14 +462,23 @@ class Trainer:
         if self.scaler is not None and training["scaler"] is not None:
             self.scaler.load_state_dict(training["scaler"])
         torch.set_rng_state(training["torch_rng"].cpu())
-        self.epoch, self.step = training["epoch"], training["step"]
-        self.step_in_epoch, self.best_auc = training["step_in_epoch"], training["best_auc"]
-        generator = training["generator"]
-        self.generator_state = generator.cpu() if generator is not None else None
+        self.epoch, self.best_auc = training["epoch"], training["best_auc"]
+        # the position in the epoch is kept in items, so a job may resume with another number of processes
+        self.step_in_epoch = training["items_in_epoch"] // self.global_batch
+        self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
+        self.scheduler.last_epoch = self.step
+        generators = training["generators"]
+        if len(generators) == self.dist.world_size:
+            state_now = generators[self.dist.rank]
+            self.generator_state = state_now.cpu() if state_now is not None else None
+        else:
+            log.warning("resuming %d processes from %d: new pair streams from here on", self.dist.world_size,
+                        len(generators))
         self.history = [EpochMetrics(**m) for m in training["history"]]
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.out_dir / "config.json").exists():
-            self._write_config()
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not (self.out_dir / "config.json").exists():
+                self._write_config()
         log.info("resuming %s at epoch %d, step %d", path, self.epoch, self.step)
 
     def _prepare_out_dir(self) -> None:

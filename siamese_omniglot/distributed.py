@@ -1,0 +1,129 @@
+"""The one place that knows about ranks: process-group set-up from the launcher's environment, and launching.
+
+Workers are started by PyTorch's own launcher, ``torch.distributed.run`` (the engine behind ``torchrun``),
+which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables read here. Each rank
+uses the device ``LOCAL_RANK`` of its kind; ``CUDA_VISIBLE_DEVICES`` / ``SDAA_VISIBLE_DEVICES`` decide which
+physical devices those are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import devices
+from .errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in the job: rank among ``world_size`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether several processes train together."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (a no-op in a single process)."""
+        if self.enabled:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the body on rank 0 first, then on the others (downloads and caches are made once)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over ranks (in place; returned for chaining)."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def broadcast(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy rank 0's ``tensors`` to every rank (in place)."""
+        if self.enabled:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+
+    def broadcast_object(self, value: object) -> object:
+        """Rank 0's ``value``, on every rank."""
+        if not self.enabled:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather_objects(self, value: object) -> list[object]:
+        """``value`` of every rank, in rank order (a one-element list in a single process)."""
+        if not self.enabled:
+            return [value]
+        values: list[object] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+
+def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, torch.device]:
+    """Join the process group described by the launcher's environment, or run alone.
+
+    Returns the context and this rank's device: ``LOCAL_RANK`` of the requested kind (sdaa, cuda) or the cpu.
+    The collective backend comes from the device layer: tccl on sdaa, nccl on cuda, gloo on cpu.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext(), devices.resolve_device(device_spec)
+    context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    kind = devices.resolve_device(device_spec).type
+    if kind == "cpu":
+        device = torch.device("cpu")
+    else:
+        count = devices.device_count(kind)
+        if context.local_rank >= count:
+            raise DeviceError(f"local rank {context.local_rank} has no {kind} device: {count} visible on this node")
+        device = torch.device(kind, context.local_rank)
+        devices.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=devices.distributed_backend(device))
+    log.info("rank %d of %d on %s", context.rank, world_size, device)
+    return context, device
+
+
+def shutdown(context: DistributedContext) -> None:
+    """Leave the process group."""
+    if context.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
+    """Start ``nproc_per_node`` workers of ``python -m siamese_omniglot <module_args>`` on this node through
+    ``torch.distributed.run``; returns the launcher's exit code."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+        "-m", "siamese_omniglot", *module_args,
+    ]  # fmt: skip
+    log.info("launching: %s", " ".join(command))
+    return subprocess.call(command)

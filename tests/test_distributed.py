@@ -1,0 +1,164 @@
+"""Multi-process training on real torch.distributed (gloo on the CPU), launched by torch.distributed.run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import siamese_omniglot as so
+from siamese_omniglot import distributed
+from siamese_omniglot.dllog import dllogger_callback
+from siamese_omniglot.errors import DeviceError
+from siamese_omniglot.train import Progress
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+SIAMESE = shutil.which("siamese") or str(Path(sys.executable).parent / "siamese")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SMALL = ["--device", "cpu", "--batch-size", "16", "--log-every", "5"]
+
+
+def torchrun(args: list[str], dump: Path) -> subprocess.CompletedProcess:
+    dump.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), *args]
+    done = subprocess.run(command, env=ENV | {"SIAMESE_TEST_DUMP": str(dump)}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def losses(stderr: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step \d+/\d+ epoch \d+: loss ([\d.]+)", stderr, flags=re.M)]
+
+
+def test_torchrun_cli_ranks_agree_loss_falls_and_only_rank0_writes(mini_background, tmp_path):
+    out = tmp_path / "run"
+    done = torchrun(["train", "--data", str(mini_background), "--out", str(out), "--max-steps", "20", *SMALL],
+                    tmp_path / "dump")
+    rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["params"].keys() == rank1["params"].keys()
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    assert rank0["saves"] == 2 and rank1["saves"] == 0  # last.pt and best.pt, by rank 0 alone
+    seen = losses(done.stderr)
+    assert len(seen) == 4 and seen[-1] < seen[0]
+    assert done.stdout.count("best checkpoint:") == 1  # rank 0 alone prints
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps_per_epoch"] == 840 // 32  # 1 of 8 alphabets held out: 42 × 20 images, global batch 32
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(mini_background, tmp_path):
+    exact = {"augment": False, "batch_norm": False, "max_steps": 6, "val_pairs": 50, "log_every": 3}
+    torchrun(["api", json.dumps(exact | {"batch_size": 8}), str(mini_background), str(tmp_path / "two")],
+             tmp_path / "dump")
+    two = torch.load(tmp_path / "dump" / "rank0.pt")["params"]
+    trainer = so.Trainer(so.TrainConfig(**exact, batch_size=16), so.load_training_set(mini_background),
+                         tmp_path / "one", torch.device("cpu"))
+    trainer.fit()
+    one = dict(trainer.objective.named_parameters())
+    assert {name.removeprefix("module.") for name in two} == set(one)
+    start = so.Trainer(so.TrainConfig(**exact, batch_size=16), so.load_training_set(mini_background),
+                       tmp_path / "unused", torch.device("cpu"))
+    initial = dict(start.objective.named_parameters())
+    for name, value in two.items():
+        key = name.removeprefix("module.")
+        assert not torch.equal(initial[key], one[key]) or "head" in key  # training moved the weights
+        torch.testing.assert_close(value, one[key].detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_nproc_per_node_launches_through_torch_distributed_run(mini_background, tmp_path):
+    out = tmp_path / "run"
+    command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(out), "--nproc-per-node", "2",
+               "--max-steps", "10", *SMALL]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting 2 processes through torch.distributed.run" in done.stderr
+    assert "on cpu × 2" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt", "config.json", "epoch_loss.png", "epoch_loss.txt", "epoch_val_loss.txt", "last.pt", "metrics.jsonl"
+    ]
+    state = so.load_checkpoint(out / "last.pt")
+    assert state["training"]["world_size"] == 2 and state["training"]["step"] == 10
+
+
+@pytest.mark.parametrize("extra", [["--distributed", "False"], ["--nproc_per_node", "2", "--distributed", "True"]],
+                         ids=["single", "ddp"])
+def test_reference_command_lines_run_as_written(mini_background, tmp_path, extra):
+    out = tmp_path / "run"
+    reference = ["--model_name", "Siamese", "--batch_size", "8", "--lr", "1e-2", "--device", "cpu", "--epoch", "50",
+                 "--use_amp", "True", "--train_data_path", str(mini_background)]
+    command = [SIAMESE, "train", *reference, *extra, "--max-steps", "2", "--preset", "fast", "--out", str(out)]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["epochs"] == 50 and config["train"]["batch_size"] == 8 and config["amp"] is True
+    assert so.load_checkpoint(out / "last.pt")["training"]["world_size"] == (2 if "--nproc_per_node" in extra else 1)
+
+
+def test_reference_model_name_must_be_siamese(tmp_path):
+    done = subprocess.run([SIAMESE, "train", "--model_name", "ResNet", "--out", str(tmp_path)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --model_name 'ResNet': only Siamese is provided"
+
+
+def test_sdaa_rank_uses_tccl_and_its_local_device(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        is_available=lambda: True, device_count=lambda: 2, set_device=lambda i: calls.append(("set_device", i)),
+    )
+    monkeypatch.setitem(sys.modules, "torch_sdaa", types.ModuleType("torch_sdaa"))
+    monkeypatch.setattr(torch, "sdaa", fake, raising=False)
+    if torch._C._get_privateuse1_backend_name() != "sdaa":
+        torch.utils.rename_privateuse1_backend("sdaa")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    context, device = distributed.init_distributed("sdaa")
+    assert (context.rank, context.world_size, context.local_rank) == (1, 2, 1)
+    assert device == torch.device("sdaa", 1)
+    assert calls == [("set_device", 1), ("init", "tccl")]
+    monkeypatch.setenv("LOCAL_RANK", "2")  # e.g. SDAA_VISIBLE_DEVICES left two devices for three ranks
+    with pytest.raises(DeviceError, match="local rank 2 has no sdaa device: 2 visible on this node"):
+        distributed.init_distributed("sdaa")
+
+
+def test_dllogger_records_use_explicit_units(monkeypatch, tmp_path):
+    logged, metadata = [], {}
+
+    class Logger:
+        def __init__(self, backends):
+            self.backends = backends
+
+        def metadata(self, name, values):
+            metadata[name] = values
+
+        def log(self, step, data, verbosity):
+            logged.append((step, data, verbosity))
+
+    fake = types.SimpleNamespace(
+        Logger=Logger, JSONStreamBackend=lambda verbosity, path: ("json", verbosity, path),
+        Verbosity=types.SimpleNamespace(VERBOSE="verbose", DEFAULT="default"),
+    )
+    monkeypatch.setitem(sys.modules, "tcap_dllogger", fake)
+    record = dllogger_callback(tmp_path / "dllogger.json")
+    record(Progress(step=50, total_steps=100, epoch=0, loss=1.5, lr=0.1, pairs_per_s=300.0, images_per_s=600.0))
+    assert metadata["train.pairs_per_s"]["unit"] == "pairs/s" and metadata["train.images_per_s"]["unit"] == "images/s"
+    assert logged == [((0, 50), {"train.loss": 1.5, "train.lr": 0.1, "train.pairs_per_s": 300.0,
+                                 "train.images_per_s": 600.0}, "default")]
+
+
+def test_dllogger_absent_means_no_records(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tcap_dllogger", None)  # import raises ImportError
+    assert dllogger_callback(tmp_path / "dllogger.json") is None

@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from results_table import insert_row
 
 import siamese_omniglot as so
 from siamese_omniglot.data import fixed_pairs, sample_drawer_runs
@@ -72,6 +73,16 @@ def results_row(report: dict) -> str:
     )
 
 
+def reference_row(report: dict) -> str:
+    """One row of the reference-protocol table: pair accuracy on new drawings of the training characters."""
+    ref = report["reference_protocol"]
+    return (
+        f"| {report['date']} | `{report['preset']}` | {report['device']} | {report['train_minutes']:.1f} min "
+        f"| **{ref['accuracy']:.1%}** ({ref['pairs']} pairs, threshold {ref['threshold']:.3f}) "
+        f"| {report['lake_runs']['accuracy']:.1%} | `{report['command']}` |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="fast", choices=sorted(so.PRESETS))
@@ -86,10 +97,14 @@ def main() -> None:
     parser.add_argument("--out", default="logs/bench-accuracy", help="run folder (must be new)")
     parser.add_argument("--results", default=str(RESULTS), help="Markdown file to append the row to ('' = none)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--reference-protocol", action="store_true",
+                        help="validate on a 90/10 split of every character's images, as the reference did, and "
+                             "report its pair accuracy (a separate table)")
     args = parser.parse_args()
 
     device = so.resolve_device(args.device)
-    config = so.preset(args.preset, seed=args.seed, epochs=args.epochs, max_steps=args.max_steps)
+    split = {"val_split": "images", "val_fraction": 0.1} if args.reference_protocol else {}
+    config = so.preset(args.preset, seed=args.seed, epochs=args.epochs, max_steps=args.max_steps, **split)
     images = so.load_training_set(args.data, args.mirror)
     evaluation = so.load_evaluation_set(args.data, args.mirror)
     runs = so.load_lake_runs(args.runs)
@@ -118,9 +133,12 @@ def main() -> None:
             for mark, path in snapshots.items()
         },
     }
+    if args.reference_protocol:
+        report["reference_protocol"] = so.load_checkpoint(result.best_checkpoint)["metrics"]
     if args.results:
-        with open(args.results, "a") as file:
-            file.write(results_row(report) + "\n")
+        insert_row(args.results, "## Accuracy", results_row(report))
+        if args.reference_protocol:
+            insert_row(args.results, "## Reference protocol", reference_row(report))
     print(json.dumps(report, indent=2) if args.json else results_row(report))
 
 

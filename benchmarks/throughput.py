@@ -13,15 +13,19 @@ import argparse
 import io
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 import zipfile
+from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from results_table import insert_row
 
 import siamese_omniglot as so
 from siamese_omniglot import devices
@@ -47,8 +51,8 @@ def rate(trainer: so.Trainer, step, warmup: int, steps: int, repeats: int) -> fl
 
 def model_only_step(trainer: so.Trainer):
     """One optimizer step on a batch already on the device and already distorted: the model's ceiling."""
-    generator = so.data.seeded_generator(0)
-    order = torch.randperm(len(trainer.train_set), generator=generator)
+    generator = so.data.seeded_generator(0, device=trainer.device)
+    order = torch.randperm(len(trainer.train_set), generator=generator, device=generator.device)
     if trainer.classifier is not None:
         index = order[: trainer.config.batch_size].to(trainer.device)
         images, labels = trainer.batch(index, generator), trainer.labels[index]
@@ -118,6 +122,16 @@ def dataloader_rate(trainer: so.Trainer, archive: Path, workers: int, warmup: in
     return 2 * pairs_per_step * steps / timed(step, steps, trainer.device)
 
 
+def results_row(report: dict, command: str) -> str:
+    """One row of the throughput table of docs/results.md."""
+    loader = f"{report['dataloader_images_per_s']:,.0f} ({report['workers']} workers)" if "workers" in report else "—"
+    return (
+        f"| {date.today().isoformat()} | `{report['preset']}` | {report['device']}, {report['machine']} "
+        f"| {report['batch_size']} | {report['pipeline_images_per_s']:,.0f} | {report['pipeline_pairs_per_s']:,.0f} "
+        f"| {report['model_only_images_per_s']:,.0f} | {report['pipeline_efficiency']:.1%} | {loader} | `{command}` |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="fast", choices=sorted(so.PRESETS))
@@ -131,14 +145,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
     parser.add_argument("--no-dataloader", action="store_true", help="skip the PIL + DataLoader comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--results", default="", help="docs/results.md to add a row to (default: none)")
     args = parser.parse_args()
 
     device = so.resolve_device(args.device)
     config = so.preset(args.preset, batch_size=args.batch_size, amp=args.amp, augment=True)
     images = so.load_training_set(args.data)
     trainer = so.Trainer(config, images, "unused", device)
-    generator = so.data.seeded_generator(config.seed)
-    order = torch.randperm(len(trainer.train_set), generator=generator)
+    generator = so.data.seeded_generator(config.seed, device=device)
+    order = torch.randperm(len(trainer.train_set), generator=generator, device=generator.device).to(device)
     pipeline = rate(trainer, lambda: trainer.train_step(order, generator), args.warmup, args.steps, args.repeats)
     model_only = rate(trainer, model_only_step(trainer), args.warmup, args.steps, args.repeats)
     report = {
@@ -158,6 +173,8 @@ def main() -> None:
     if not args.no_dataloader and archive is not None and archive.suffix == ".zip" and config.objective == "pair":
         loader = dataloader_rate(trainer, archive, args.workers, args.warmup, args.steps)
         report |= {"dataloader_images_per_s": loader, "dataloader_pairs_per_s": loader / 2, "workers": args.workers}
+    if args.results:
+        insert_row(args.results, "## Throughput", results_row(report, "python " + shlex.join(sys.argv)))
     if args.json:
         print(json.dumps(report, indent=2))
         return

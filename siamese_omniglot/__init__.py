@@ -9,9 +9,11 @@ Quick start::
     result = trainer.fit()                                    # checkpoints, metrics.jsonl, epoch_loss.png
     verifier = so.Verifier.from_checkpoint(result.best_checkpoint)
     print(verifier.compare("a.png", "b.png"))                 # Comparison(score=…, same=…, threshold=…)
+    print(verifier.classify("query.png", "support/")[0].best)  # Match(class_name=…, score=…, same=…)
 
 Modules: ``devices`` (sdaa/cuda/cpu), ``data`` (Omniglot, custom trees, pairs, episodes), ``models``,
-``config``, ``train``, ``checkpoint``, ``verify``, ``evaluate``, ``cli``.
+``config``, ``train``, ``checkpoint``, ``verify``, ``gallery`` (support folders), ``evaluate``, ``export``
+(ONNX), ``figures`` (matplotlib pictures), ``cli``.
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -29,38 +31,58 @@ from .data import (
     split_validation,
 )
 from .devices import resolve_device
-from .errors import CheckpointError, ConfigError, DataError, DeviceError, OutputError, SiameseError, TrainingError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DependencyError,
+    DeviceError,
+    ExportError,
+    OutputError,
+    SiameseError,
+    TrainingError,
+)
 from .evaluate import OneShotResult, PairMetrics, lake_runs_accuracy, one_shot_accuracy, pair_metrics
+from .export import OnnxExport, export_onnx
+from .gallery import Classification, Match, Support
 from .models import ModelConfig, SiameseNetwork, build_model
 from .train import EpochMetrics, Trainer, TrainResult
-from .verify import Comparison, Verifier
+from .verify import Comparison, Verifier, default_checkpoint
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
+    "Classification",
     "Comparison",
     "ConfigError",
     "DataError",
+    "DependencyError",
     "DeviceError",
     "EpochMetrics",
+    "ExportError",
     "ImageSet",
     "LakeRuns",
+    "Match",
     "ModelConfig",
     "OneShotResult",
+    "OnnxExport",
     "OutputError",
     "PairMetrics",
     "PairSampler",
     "Pairs",
     "SiameseError",
     "SiameseNetwork",
+    "Support",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "TrainingError",
     "Verifier",
     "build_model",
+    "default_checkpoint",
+    "export_onnx",
     "lake_runs_accuracy",
     "load_checkpoint",
     "load_evaluation_set",

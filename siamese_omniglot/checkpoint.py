@@ -14,6 +14,7 @@ A checkpoint is a dict of tensors and plain values::
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -33,16 +34,24 @@ PREPROCESSING = {
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    Raises:
+        OSError: the file cannot be written (a full disk, a read-only folder); ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format_version": FORMAT_VERSION, "preprocessing": PREPROCESSING} | state
+    # serialised in memory first: torch's zip writer reports a failed write (a full disk) as a bare
+    # RuntimeError about stream positions, while a plain file write raises OSError with the reason
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:
         with tmp:
-            torch.save(state, tmp)
+            tmp.write(buffer.getbuffer())
             tmp.flush()
             os.fsync(tmp.fileno())
         os.chmod(tmp.name, 0o644)
@@ -75,6 +84,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     required = {"format_version", "model", "model_config", "threshold"}
     if not isinstance(state, dict) or not required <= state.keys():
         raise CheckpointError(f"{path}: not a siamese-omniglot checkpoint (needs {', '.join(sorted(required))})")
+    kinds = {"format_version": int, "model": dict, "model_config": dict, "threshold": (int, float)}
+    wrong = [key for key, kind in kinds.items() if not isinstance(state[key], kind) or isinstance(state[key], bool)]
+    if wrong:
+        raise CheckpointError(f"{path}: not a siamese-omniglot checkpoint ({wrong[0]} has the wrong type)")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {state['format_version']} is newer than this version reads "

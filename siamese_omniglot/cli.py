@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -52,6 +53,11 @@ MirrorOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {devices.DEVICE_SPEC_HELP}")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt) \\[default: the bundled model, when one "
+                 "is installed]", show_default=False),
+]
 
 
 @contextlib.contextmanager
@@ -120,7 +126,15 @@ def train(
         int | None, typer.Option("--epochs", "--epoch", min=1, help="Epochs \\[default: preset's]")
     ] = None,
     max_steps: Annotated[
-        int | None, typer.Option("--max-steps", "--max_steps", min=1, help="Stop after this many optimizer steps")
+        int | None,
+        typer.Option("--max-steps", "--max_steps", min=1,
+                     help="End the run after this many optimizer steps (the schedule is fitted to them)"),
+    ] = None,
+    stop_after: Annotated[
+        int | None,
+        typer.Option("--stop-after", min=1,
+                     help="Pause once the run has taken this many steps in all, writing last.pt there; the "
+                     "schedule is unchanged, so --resume later ends with the weights of an unpaused run"),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -141,7 +155,7 @@ def train(
     resume: Annotated[
         Path | None,
         typer.Option("--resume", help="Continue the run of this last.pt with its own settings (only --epochs "
-                     "and --max-steps may change)"),
+                     "and --max-steps may change; --stop-after pauses it again)"),
     ] = None,
     nproc_per_node: Annotated[
         int, typer.Option("--nproc-per-node", "--nproc_per_node", min=1,
@@ -150,6 +164,10 @@ def train(
     log_every: Annotated[
         int | None, typer.Option("--log-every", min=1, help="Steps between progress reports \\[default: 50]")
     ] = None,
+    skip_bad_images: Annotated[
+        bool, typer.Option("--skip-bad-images", help="Leave out unreadable images (listed in a warning) instead "
+                           "of refusing the data set")
+    ] = False,
     distributed: Annotated[
         str | None, typer.Option("--distributed", hidden=True, help="Reference spelling: True/False")
     ] = None,
@@ -187,11 +205,12 @@ def train(
             devices.resolve_device(device)
             if resume is None:
                 check_run_dir(run_dir)
-            with _progress_bar() as update:
-                load_training_set(data, mirror, progress=update)  # fetch and decode once, before the workers
+            with _progress_bar() as update:  # fetch and decode once, before the workers
+                load_training_set(data, mirror, progress=update, skip_bad_images=skip_bad_images)
             err.print(f"starting {processes} processes through torch.distributed.run", highlight=False)
             args = _worker_args(config, resume, data=data, mirror=mirror, out=run_dir, device=device,
-                                epochs=epochs, max_steps=max_steps)
+                                epochs=epochs, max_steps=max_steps, stop_after=stop_after,
+                                skip_bad_images=skip_bad_images or None)
             code = launch(processes, ["train", *args])
             if code != 0:
                 raise TrainingError(f"the training processes failed (exit code {code}); see their messages above")
@@ -200,20 +219,23 @@ def train(
         if resume is None and context.is_main:
             check_run_dir(run_dir)
         with context.main_first(), _progress_bar() as update:
-            images = load_training_set(data, mirror, progress=update if context.is_main else None)
+            images = load_training_set(data, mirror, progress=update if context.is_main else None,
+                                       skip_bad_images=skip_bad_images)
         records = None
         if context.is_main:
+            try:  # refuse an unwritable folder now, not after the first epoch
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=run_dir):
+                    pass
+            except OSError as error:
+                raise OutputError(f"{run_dir}: cannot write there ({error.strerror or error})") from None
             where = f"{torch_device} × {context.world_size}" if context.enabled else str(torch_device)
             err.print(f"training preset {config.preset} on {where} → {run_dir}", markup=False, highlight=False)
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise OutputError(f"{run_dir}: cannot create ({error.strerror})") from None
             records = run_dir / "dllogger.json"
         try:
             with _training_display(records) as (on_progress, on_epoch):
                 trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, dist=context)
-                result = trainer.fit(resume=resume)
+                result = trainer.fit(resume=resume, stop_after=stop_after)
         finally:
             shutdown(context)
     if not context.is_main:
@@ -222,6 +244,9 @@ def train(
     out.print(f"best checkpoint: {result.best_checkpoint} (val ROC AUC {best.val_roc_auc:.4f}, "
               f"val accuracy {best.val_accuracy:.4f} at threshold {best.threshold:.3f})", markup=False, highlight=False)
     out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
+    if trainer.step < trainer.total_steps:
+        out.print(f"paused at step {trainer.step} of {trainer.total_steps}; continue with: siamese train --resume "
+                  f"{result.last_checkpoint}", markup=False, highlight=False)
 
 
 def _worker_args(config, resume: Path | None, **given) -> list[str]:
@@ -287,7 +312,11 @@ def _training_display(records: Path | None):
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (best.pt or last.pt of a run)")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="Checkpoint to evaluate (best.pt or last.pt of a run) \\[default: the bundled model, "
+                       "when one is installed]", show_default=False),
+    ] = None,
     data: DataOption = None,
     mirror: MirrorOption = None,
     runs: Annotated[
@@ -300,22 +329,45 @@ def evaluate(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled trials and pairs")] = 0,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Folder to draw roc.png (verification ROC curve) and hardest_trials.png (the "
+                     "hardest one-shot trials: query, true class, chosen class) in; needs matplotlib"),
+    ] = None,
 ) -> None:
     """Evaluate on alphabets never seen in training: verification and N-way K-shot one-shot accuracy."""
-    from .verify import Verifier
+    from .verify import Verifier, default_checkpoint
 
     _setup_logging()
     with _errors_as_exit():
+        if plot is not None:
+            _require_plotting()
+        checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
         with _progress_bar() as update:
             images = load_evaluation_set(data, mirror, progress=update)
         lake = load_lake_runs(runs) if runs is not None else None
         embeddings = embed_pixels(verifier.model, images.pixels, verifier.device)
         pair_list = fixed_pairs(images, pairs, seed, within_group=1.0)
-        verification = pair_metrics(pair_logits(verifier.model, embeddings, pair_list), pair_list.same,
-                                    verifier.threshold)
-        episodes = one_shot_accuracy(verifier.model, embeddings, sample_episodes(images, way, shot, trials, seed))
+        logits = pair_logits(verifier.model, embeddings, pair_list)
+        verification = pair_metrics(logits, pair_list.same, verifier.threshold)
+        sampled = sample_episodes(images, way, shot, trials, seed)
+        episodes = one_shot_accuracy(verifier.model, embeddings, sampled)
         official = lake_runs_accuracy(verifier.model, lake, verifier.device) if lake is not None else None
+        if plot is not None:
+            import torch
+
+            from .evaluate import episode_logits
+            from .figures import roc_figure, trials_figure
+
+            title = f"Verification ROC: {verification.pairs} pairs of {len(images.group_names)} alphabets"
+            drawn = [
+                roc_figure(torch.sigmoid(logits), pair_list.same, verifier.threshold, plot / "roc.png", title),
+                trials_figure(images, sampled, episode_logits(verifier.model, embeddings, sampled),
+                              plot / "hardest_trials.png"),
+            ]
+            for path in drawn:
+                err.print(f"wrote {path}", markup=False, highlight=False)
     report = {
         "checkpoint": str(checkpoint),
         "verification": verification.to_dict() | {"negatives": "same alphabet"},
@@ -345,22 +397,135 @@ def evaluate(
 def compare(
     first: Annotated[Path, typer.Argument(help="First image (any format and size Pillow reads)")],
     second: Annotated[Path, typer.Argument(help="Second image")],
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt)")],
+    checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Draw both images side by side with the score and decision into this PNG "
+                     "file; needs matplotlib"),
+    ] = None,
 ) -> None:
     """Say whether two images show the same character: score, SAME/DIFFERENT and the threshold."""
-    from .verify import Verifier
+    from .verify import Verifier, default_checkpoint
 
     _setup_logging()
     with _errors_as_exit():
-        verifier = Verifier.from_checkpoint(checkpoint, device)
+        if plot is not None:
+            _require_plotting()
+        verifier = Verifier.from_checkpoint(checkpoint or default_checkpoint(), device)
         result = verifier.compare(first, second)
+        if plot is not None:
+            from .figures import compare_figure
+
+            first_pixels, second_pixels = verifier.pixels([first, second]).numpy()
+            compare_figure(first_pixels, second_pixels, result, plot, names=(first.name, second.name))
+            err.print(f"wrote {plot}", markup=False, highlight=False)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
     verdict = "[green]SAME[/green]" if result.same else "[yellow]DIFFERENT[/yellow]"
     out.print(f"{verdict}  score {result.score:.4f}  (threshold {result.threshold:.4f})", highlight=False)
+
+
+@app.command()
+def classify(
+    queries: Annotated[
+        list[Path], typer.Argument(help="Images to recognise (any format and size Pillow reads)", show_default=False)
+    ],
+    support: Annotated[
+        Path,
+        typer.Option("--support", "-s", help="Support folder: one folder of images per class (<class>/<image>), "
+                     "or one image per class (<class>.png)"),
+    ],
+    checkpoint: CheckpointOption = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to list per query")] = 5,
+    cache: Annotated[
+        bool,
+        typer.Option("--cache/--no-cache", help="Reuse the support embeddings cached in <support>/.siamese-cache/ "
+                     "(keyed by the model and the images), and write them there"),
+    ] = True,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Recognise each image among the classes of a support folder: the top classes with their scores."""
+    from .verify import Verifier, default_checkpoint
+
+    _setup_logging()
+    with _errors_as_exit():
+        checkpoint = checkpoint or default_checkpoint()
+        verifier = Verifier.from_checkpoint(checkpoint, device)
+        gallery = verifier.load_support(support, cache=cache)
+        results = verifier.classify(queries, gallery, top_k=top_k)
+    how = "read from" if gallery.from_cache else "embedded, cached in" if gallery.cache_path else "embedded"
+    where = f" {gallery.cache_path}" if gallery.cache_path else ""
+    err.print(f"support {support}: {gallery.num_classes} classes, {len(gallery)} images ({how}{where})",
+              markup=False, highlight=False)
+    if as_json:
+        report = {
+            "checkpoint": str(checkpoint),
+            "support": {"folder": str(support), "classes": gallery.num_classes, "images": len(gallery),
+                        "cache": str(gallery.cache_path) if gallery.cache_path else None,
+                        "from_cache": gallery.from_cache},
+            "threshold": verifier.threshold,
+            "results": [result.to_dict() for result in results],
+        }
+        out.print_json(json.dumps(report))
+        return
+    width = max(len(m.class_name) for result in results for m in result.matches)
+    for result in results:
+        out.print(result.query, markup=False, highlight=False)
+        for rank, match in enumerate(result.matches, 1):
+            verdict = "  [green]SAME[/green]" if match.same else ""
+            out.print(f"  {rank:>2}. {escape(match.class_name.ljust(width))}  {match.score:.4f}{verdict}",
+                      highlight=False)
+
+
+@app.command()
+def export(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder to write embedding.onnx and scorer.onnx to (replaced if present)")
+    ],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="Checkpoint to export \\[default: the bundled model, when one is installed]",
+                       show_default=False),
+    ] = None,
+    export_format: Annotated[str, typer.Option("--format", help="Export format; only onnx for now")] = "onnx",
+    opset: Annotated[int, typer.Option("--opset", min=9, help="ONNX opset version")] = 17,
+    as_json: JsonOption = False,
+) -> None:
+    """Export the embedding network and the pair scorer as ONNX, checked against PyTorch with onnxruntime."""
+    from .export import export_onnx
+    from .verify import Verifier, default_checkpoint
+
+    _setup_logging()
+    with _errors_as_exit():
+        if export_format.lower() != "onnx":
+            raise ConfigError(f"unknown export format {export_format!r}: only onnx is supported")
+        checkpoint = checkpoint or default_checkpoint()
+        result = export_onnx(Verifier.from_checkpoint(checkpoint, "cpu"), out_dir, opset=opset)
+    if as_json:
+        out.print_json(json.dumps({"checkpoint": str(checkpoint)} | result.to_dict()))
+        return
+    dim = result.embedding_dim
+    batches = " and ".join(map(str, result.check_batches))
+    for line in (
+        f"embedding: {result.embedding_path}  (pixels uint8 [batch, 105, 105] → embeddings float32 [batch, {dim}])",
+        f"scorer:    {result.scorer_path}  (first, second float32 [batch, {dim}] → logits, scores float32 [batch]; "
+        f"same when scores ≥ {result.threshold:.4f})",
+        f"onnxruntime vs PyTorch (float32, batches of {batches}): max abs difference {result.max_abs_diff:.2e} "
+        f"(embeddings {result.embedding_max_abs_diff:.2e}, scores {result.scorer_max_abs_diff:.2e}; "
+        f"limit {result.tolerance:.0e})",
+    ):
+        out.print(line, markup=False, highlight=False)
+
+
+def _require_plotting() -> None:
+    """Fail before any work when --plot cannot be honoured."""
+    from .figures import require_matplotlib
+
+    require_matplotlib()
 
 
 def main() -> None:

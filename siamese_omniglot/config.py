@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from .errors import ConfigError
 
 OBJECTIVES = ("pair", "classify")
+VAL_SPLITS = ("alphabets", "images")
 REFERENCE_BATCH = 64  # the learning-rate rule: lr is scaled by global batch / REFERENCE_BATCH
 
 
@@ -23,7 +24,7 @@ class TrainConfig:
     preset: str = "fast"
     backbone: str = "fast"
     objective: str = "classify"  # "pair": BCE on the head's logit; "classify": softmax over training characters
-    epochs: int = 12
+    epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     batch_size: int = 128
     lr: float = 0.05
@@ -35,7 +36,8 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True  # Koch et al.'s small affine distortions
     within_alphabet: float = 0.5  # probability that a negative pair shares an alphabet
-    val_fraction: float = 0.15  # fraction of alphabets held out for validation
+    val_fraction: float = 0.15  # fraction of alphabets (or of each class's images) held out for validation
+    val_split: str = "alphabets"  # "alphabets": unseen characters; "images": the reference's 90/10 image split
     val_pairs: int = 1000  # same and different validation pairs each (twice for calibration)
     pretrained: bool = False  # vgg16 only: start from ImageNet weights
     input_px: int | None = None  # model input size (None: the backbone's default)
@@ -43,6 +45,8 @@ class TrainConfig:
     log_every: int = 50  # steps between progress reports (the only host syncs)
 
     def __post_init__(self) -> None:
+        if self.val_split not in VAL_SPLITS:
+            raise ConfigError(f"unknown validation split {self.val_split!r}: choose one of {', '.join(VAL_SPLITS)}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         checks = {
@@ -74,7 +78,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # Fast CPU default: a 4-block conv net at 28 × 28 trained as a character classifier, then used as a
+    # Fast CPU default: a 4-block conv net at 40 × 40 trained as a character classifier, then used as a
     # Siamese verifier whose head is calibrated on held-out alphabets.
     "fast": TrainConfig(),
     # Koch et al. (2015): their network trained on pairs.

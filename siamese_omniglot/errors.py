@@ -29,3 +29,11 @@ class TrainingError(SiameseError):
 
 class OutputError(SiameseError):
     """An output folder or file cannot be written, or would overwrite earlier results."""
+
+
+class DependencyError(SiameseError):
+    """An optional package that this feature needs is not installed (see the extras ``onnx`` and ``plot``)."""
+
+
+class ExportError(SiameseError):
+    """A model cannot be exported, or the exported model does not reproduce the PyTorch one."""

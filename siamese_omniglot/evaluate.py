@@ -81,6 +81,14 @@ def equal_error_rate(scores: torch.Tensor, same: torch.Tensor) -> float:
     return float((false_accept[i] + false_reject[i]) / 2)
 
 
+def roc_curve(scores: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """False-positive and true-positive rates of ``score ≥ t`` for every threshold, from (0, 0) to (1, 1)."""
+    _, false_accept, false_reject = _sweep(scores, same)
+    # thresholds rise, so the rates fall: reverse them, and close the curve at both ends
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    return torch.cat([zero, false_accept.flip(0), one]), torch.cat([zero, (1 - false_reject).flip(0), one])
+
+
 def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
     """The score threshold with the highest accuracy of ``score ≥ threshold`` on balanced pairs.
 
@@ -159,15 +167,34 @@ def _result(protocol: str, correct: torch.Tensor, way: int, shot: int) -> OneSho
 
 
 @torch.no_grad()
-def one_shot_accuracy(model: SiameseNetwork, embeddings: torch.Tensor, episodes: Episodes) -> OneShotResult:
-    """Score N-way K-shot episodes sampled from the images behind ``embeddings``."""
-    trials, way, shot = episodes.support.shape
+def episode_logits(model: SiameseNetwork, embeddings: torch.Tensor, episodes: Episodes) -> torch.Tensor:
+    """Candidate logits [T, N] of N-way K-shot episodes: each candidate's mean logit over its K shots (CPU)."""
     device = embeddings.device
     queries = embeddings[episodes.queries.to(device)][:, None, None, :]  # [T, 1, 1, D]
     support = embeddings[episodes.support.to(device)]  # [T, N, K, D]
     chunks = zip(queries.split(256), support.split(256), strict=True)
-    class_scores = torch.cat([model.score_embeddings(q, s).float().mean(-1) for q, s in chunks])
-    correct = class_scores.argmax(1).cpu() == episodes.answers
+    return torch.cat([model.score_embeddings(q, s).float().mean(-1) for q, s in chunks]).cpu()
+
+
+def hardest_episodes(logits: torch.Tensor, answers: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` trials whose best wrong candidate beats the true one by the most.
+
+    The margin ``max(wrong logits) − true logit`` is positive for errors, so errors come first, then the
+    closest correct calls.
+    """
+    logits = logits.float().cpu()
+    rows = torch.arange(len(logits))
+    true = logits[rows, answers]
+    wrong = logits.clone()
+    wrong[rows, answers] = -torch.inf
+    return (wrong.max(1).values - true).argsort(descending=True, stable=True)[:count]
+
+
+@torch.no_grad()
+def one_shot_accuracy(model: SiameseNetwork, embeddings: torch.Tensor, episodes: Episodes) -> OneShotResult:
+    """Score N-way K-shot episodes sampled from the images behind ``embeddings``."""
+    trials, way, shot = episodes.support.shape
+    correct = episode_logits(model, embeddings, episodes).argmax(1) == episodes.answers
     return _result("within-alphabet episodes", correct, way, shot)
 
 

@@ -32,7 +32,7 @@ class ModelConfig:
     """Everything needed to rebuild a model; stored in every checkpoint."""
 
     backbone: str = "fast"
-    input_px: int = 28
+    input_px: int = 40
     width: int = 64  # channels of the fast backbone's blocks
     blocks: int = 4  # conv blocks of the fast backbone
     normalize: bool = False  # L2-normalise embeddings (embedding objective)
@@ -189,7 +189,7 @@ class SiameseNetwork(nn.Module):
 
 
 BACKBONES = {
-    "fast": ModelConfig(backbone="fast", input_px=28, width=64, blocks=4, normalize=True),
+    "fast": ModelConfig(backbone="fast", input_px=40, width=64, blocks=4, normalize=True),
     "koch": ModelConfig(backbone="koch", input_px=105),
     "vgg16": ModelConfig(backbone="vgg16", input_px=105),
 }

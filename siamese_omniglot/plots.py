@@ -15,10 +15,45 @@ def line_chart(
     series: dict[str, Sequence[float]], path: str | Path, title: str, x_label: str = "epoch", size=(720, 440)
 ) -> Path:
     """Draw one line per named series (x = 1, 2, …) with axes, ticks and a legend; save as PNG."""
+    return panel_chart({"": series}, path, title, x_label, size)
+
+
+def panel_chart(
+    panels: dict[str, dict[str, Sequence[float]]],
+    path: str | Path,
+    title: str,
+    x_label: str = "epoch",
+    size=(720, 440),
+) -> Path:
+    """Draw panels side by side, each with its own y scale and one line per named series; save as PNG.
+
+    ``panels`` maps a panel's name (for the caller's reading only) to its series. Series of different
+    units (a cross-entropy, a binary cross-entropy, an accuracy) go in separate panels, so that none is
+    flattened by another's scale.
+    """
     width, height = size
-    left, right, top, bottom = 70, 20, 40, 50
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
+    draw.text((10, 8), title, fill="black")
+    panel_width = width / max(len(panels), 1)
+    colour = 0
+    for n, series in enumerate(panels.values()):
+        box = (n * panel_width + 52, 52, (n + 1) * panel_width - 14, height - 42)
+        _panel(draw, box, series, colour, x_label)
+        colour += len(series)
+    path = Path(path)
+    image.save(path, format="PNG")
+    return path
+
+
+def _panel(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[float, float, float, float],
+    series: dict[str, Sequence[float]],
+    first_colour: int,
+    x_label: str,
+) -> None:
+    left, top, right, bottom = box
     values = [v for ys in series.values() for v in ys if math.isfinite(v)]
     length = max((len(ys) for ys in series.values()), default=0)
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
@@ -27,33 +62,29 @@ def line_chart(
     span_x = max(length - 1, 1)
 
     def point(i: int, v: float) -> tuple[float, float]:
-        x = left + (width - left - right) * (i / span_x)
-        y = top + (height - top - bottom) * (1 - (v - low) / (high - low))
-        return x, y
+        return left + (right - left) * (i / span_x), top + (bottom - top) * (1 - (v - low) / (high - low))
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.rectangle([left, top, right, bottom], outline="black")
     for k in range(5):
         v = low + (high - low) * k / 4
         _, y = point(0, v)
         draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 6), f"{v:.3g}", fill="black")
+        draw.text((left - 48, y - 6), f"{v:.3g}", fill="black")
+    step = max(1, math.ceil(length / max(2, int((right - left) // 22))))  # tick labels ≥ 22 px apart
     for i in range(length):
-        if length <= 12 or i % math.ceil(length / 12) == 0 or i == length - 1:
+        if i % step == 0 or i == length - 1:
             x, _ = point(i, low)
-            draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-            draw.text((x - 6, height - bottom + 6), str(i + 1), fill="black")
-    draw.text((width / 2 - 20, height - 18), x_label, fill="black")
-    draw.text((left, 12), title, fill="black")
-    for n, (name, ys) in enumerate(series.items()):
-        colour = _COLOURS[n % len(_COLOURS)]
+            draw.line([x, bottom, x, bottom + 4], fill="black")
+            draw.text((x - 4, bottom + 6), str(i + 1), fill="black")
+    draw.text(((left + right) / 2 - 3 * len(x_label), bottom + 22), x_label, fill="black")
+    legend_x = left
+    for n, (label, ys) in enumerate(series.items()):
+        colour = _COLOURS[(first_colour + n) % len(_COLOURS)]
         points = [point(i, v) for i, v in enumerate(ys) if math.isfinite(v)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        legend_y = top + 8 + 16 * n
-        draw.line([width - right - 150, legend_y + 6, width - right - 130, legend_y + 6], fill=colour, width=3)
-        draw.text((width - right - 124, legend_y), name, fill="black")
-    path = Path(path)
-    image.save(path)
-    return path
+        draw.line([legend_x, top - 14, legend_x + 16, top - 14], fill=colour, width=3)
+        draw.text((legend_x + 20, top - 20), label, fill="black")
+        legend_x += 30 + draw.textlength(label)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -34,12 +35,12 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import REFERENCE_BATCH, TrainConfig
 from .data.augment import random_affine
 from .data.images import ImageSet, to_ink
-from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_validation
+from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_images, split_validation
 from .distributed import DistributedContext
-from .errors import CheckpointError, OutputError, TrainingError
+from .errors import CheckpointError, ConfigError, OutputError, TrainingError
 from .evaluate import PairMetrics, best_threshold, embed_pixels, pair_logits, pair_metrics
 from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model, resize_to
-from .plots import line_chart
+from .plots import panel_chart
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,8 @@ class Trainer:
         self.on_progress = on_progress if self.dist.is_main else None
         self.on_epoch = on_epoch if self.dist.is_main else None
         self.amp = devices.amp_default(device) if config.amp is None else config.amp
-        train, val = split_validation(images, config.val_fraction, config.seed)
+        split = split_images if config.val_split == "images" else split_validation
+        train, val = split(images, config.val_fraction, config.seed)
         self.train_set, self.val_set = train, val
         log.info(
             "training on %d classes (%d images), validating on %d held-out classes in %d groups",
@@ -238,13 +240,14 @@ class Trainer:
         self.objective = objective
         self.staged = stage_images(train.pixels, self.model.config.input_px, device)
         self.labels = train.labels.to(device)
-        self.sampler = PairSampler(train, config.within_alphabet)
+        self.sampler = PairSampler(train, config.within_alphabet, device)
         self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)
         self.val_pairs = fixed_pairs(val, config.val_pairs, config.seed + 2, config.within_alphabet)
         self.global_batch = config.batch_size * self.dist.world_size
         self.steps_per_epoch = max(1, len(train) // self.global_batch)
         planned = config.epochs * self.steps_per_epoch
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
+        self.stop_step = self.total_steps  # fit(stop_after=…) pauses earlier, the schedule unchanged
         self.optimizer = torch.optim.SGD(
             objective.parameters(),
             lr=config.lr * self.global_batch / REFERENCE_BATCH,
@@ -266,15 +269,25 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    def fit(self, resume: str | Path | None = None) -> TrainResult:
-        """Train until ``epochs`` or ``max_steps``; returns where the checkpoints are."""
+    def fit(self, resume: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
+        """Train until ``epochs`` or ``max_steps``; returns where the checkpoints are.
+
+        Args:
+            resume: a ``last.pt`` to continue from (optimizer, schedule, random streams and position included).
+            stop_after: pause once the run has taken this many steps in all, writing ``last.pt`` there. Unlike
+                ``max_steps`` it leaves the learning-rate schedule alone: resuming later gives the same weights,
+                bit for bit, as a run that never paused.
+        """
         if resume is not None:
             self._restore(resume)
         elif self.dist.is_main:
             self._prepare_out_dir()
+        if stop_after is not None and stop_after <= self.step:
+            raise ConfigError(f"stop after step {stop_after}: the run is already at step {self.step}")
+        self.stop_step = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         self.dist.barrier()
         self.model.train()
-        while self.epoch < self.config.epochs and self.step < self.total_steps:
+        while self.epoch < self.config.epochs and self.step < self.stop_step:
             self._run_epoch()
         if not self.history:
             raise TrainingError("nothing to train: the run already reached its last step")
@@ -282,8 +295,10 @@ class Trainer:
 
     def _run_epoch(self) -> None:
         config = self.config
-        order = torch.randperm(len(self.train_set), generator=seeded_generator(config.seed, self.epoch))
-        generator = seeded_generator(config.seed, self.epoch, self.dist.rank)  # this rank's pairs and distortions
+        # drawn on the device: no host round trip per step; the permutation is shared by all ranks
+        shared = seeded_generator(config.seed, self.epoch, device=self.device)
+        order = torch.randperm(len(self.train_set), generator=shared, device=shared.device).to(self.device)
+        generator = seeded_generator(config.seed, self.epoch, self.dist.rank, device=self.device)
         if self.generator_state is not None:  # resuming mid-epoch
             generator.set_state(self.generator_state)
             self.generator_state = None
@@ -291,7 +306,7 @@ class Trainer:
         interval_loss = torch.zeros((), device=self.device)
         steps_done, interval_steps = 0, 0
         started = interval_started = time.perf_counter()
-        while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+        while self.step_in_epoch < self.steps_per_epoch and self.step < self.stop_step:
             loss = self.train_step(order, generator)
             loss_sum += loss
             interval_loss += loss
@@ -299,7 +314,7 @@ class Trainer:
             interval_steps += 1
             self.step += 1
             self.step_in_epoch += 1
-            if self.step % config.log_every == 0 or self.step == self.total_steps:
+            if self.step % config.log_every == 0 or self.step == self.stop_step:
                 # the only host sync of the loop: every rank reaches it at the same step
                 mean_loss = float(self.dist.all_reduce_mean(interval_loss)) / interval_steps
                 if not math.isfinite(mean_loss):
@@ -320,7 +335,17 @@ class Trainer:
             self.generator_state = generator.get_state()
         images_per_s = steps_done * self.images_per_step / max(seconds, 1e-9)
         train_loss = float(self.dist.all_reduce_mean(loss_sum)) / max(steps_done, 1)
+        # steps since the last log interval, and the last step's update, are checked before anything is saved
+        if not math.isfinite(train_loss) or not self._weights_finite():
+            raise TrainingError(
+                f"the loss or the weights stopped being finite by step {self.step}; the last good checkpoint is "
+                "kept — lower --lr or turn off --amp"
+            )
         self._end_epoch(train_loss, images_per_s, seconds)
+
+    def _weights_finite(self) -> bool:
+        flags = [torch.isfinite(p).all() for p in self.objective.parameters()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     @property
     def images_per_step(self) -> int:
@@ -333,7 +358,7 @@ class Trainer:
         size = self.config.batch_size
         if self.classifier is not None:
             start = (self.step_in_epoch * self.dist.world_size + self.dist.rank) * size
-            index = order[start : start + size].to(self.device, non_blocking=True)
+            index = order[start : start + size]
             images, labels = self.batch(index, generator), self.labels[index]
             return self.optimize(lambda: self.objective(images, labels))
         pairs = self.sampler.sample(size, generator).to(self.device)
@@ -408,10 +433,18 @@ class Trainer:
             self.best_auc = val.roc_auc
         if self.dist.is_main:
             state = self._state(val, generators)
-            save_checkpoint(state, self.out_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, self.out_dir / "best.pt")
-            self._write_logs(metrics)
+            # last.pt first: a crash between the two saves is repaired on resume (see _repair_best)
+            for path in [self.out_dir / "last.pt"] + ([self.out_dir / "best.pt"] if improved else []):
+                try:
+                    save_checkpoint(state, path)
+                except OSError as error:  # disk full, folder gone or read-only: the file it replaces is intact
+                    raise OutputError(
+                        f"{path}: cannot write ({error.strerror or error}); the checkpoint already there is intact"
+                    ) from None
+            try:
+                self._write_logs()
+            except OSError as error:
+                raise OutputError(f"{self.out_dir}: cannot write the logs ({error.strerror or error})") from None
         self.dist.barrier()
         if self.on_epoch is not None:
             self.on_epoch(metrics)
@@ -476,10 +509,31 @@ class Trainer:
                         len(generators))
         self.history = [EpochMetrics(**m) for m in training["history"]]
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not (self.out_dir / "config.json").exists():
-                self._write_config()
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                if not (self.out_dir / "config.json").exists():
+                    self._write_config()
+                self._repair_best(state)
+                if self.history:
+                    self._write_logs()  # drop what a crash left of later epochs
+            except OSError as error:
+                raise OutputError(f"{self.out_dir}: cannot write ({error.strerror or error})") from None
         log.info("resuming %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    def _repair_best(self, state: dict) -> None:
+        """Rewrite ``best.pt`` from the resumed state when that state is the best epoch but ``best.pt``
+        is missing or older: a crash between saving ``last.pt`` and ``best.pt`` loses nothing."""
+        if state.get("metrics", {}).get("roc_auc") != state["training"]["best_auc"]:
+            return
+        best = self.out_dir / "best.pt"
+        try:
+            current = load_checkpoint(best)["training"]["step"] if best.exists() else None
+        except (CheckpointError, KeyError, TypeError):
+            current = None
+        if current != state["training"]["step"]:
+            log.warning("%s does not hold the best epoch so far (step %d); writing it from the resumed checkpoint",
+                        best, state["training"]["step"])
+            save_checkpoint(state, best)
 
     def _prepare_out_dir(self) -> None:
         check_run_dir(self.out_dir)
@@ -496,19 +550,40 @@ class Trainer:
         config |= {"device": str(self.device), "amp": self.amp, "steps_per_epoch": self.steps_per_epoch}
         (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    def _write_logs(self, metrics: EpochMetrics) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as file:
-            file.write(json.dumps(asdict(metrics)) + "\n")
-        with open(self.out_dir / "epoch_loss.txt", "a") as file:
-            file.write(f"{metrics.train_loss}\n")
-        with open(self.out_dir / "epoch_val_loss.txt", "a") as file:
-            file.write(f"{metrics.val_loss}\n")
-        line_chart(
-            {
-                "train loss": [m.train_loss for m in self.history],
-                "val loss": [m.val_loss for m in self.history],
+    def _write_logs(self) -> None:
+        """Rewrite the logs from the history, each file replaced whole: after a crash and a resume they
+        list exactly the epochs of the checkpoint, never a half line or an epoch twice."""
+        _replace(self.out_dir / "metrics.jsonl", "".join(json.dumps(asdict(m)) + "\n" for m in self.history))
+        _replace(self.out_dir / "epoch_loss.txt", "".join(f"{m.train_loss}\n" for m in self.history))
+        _replace(self.out_dir / "epoch_val_loss.txt", "".join(f"{m.val_loss}\n" for m in self.history))
+        panels = {  # a panel each: the two losses differ in kind for the classify objective
+            "train loss": {"train loss": [m.train_loss for m in self.history]},
+            "val loss": {"val loss": [m.val_loss for m in self.history]},
+            "validation": {
                 "val accuracy": [m.val_accuracy for m in self.history],
+                "val ROC AUC": [m.val_roc_auc for m in self.history],
             },
+        }
+        title = f"{self.config.preset}: loss and validation accuracy per epoch"
+        _replace(
             self.out_dir / "epoch_loss.png",
-            title=f"{self.config.preset}: loss and validation accuracy per epoch",
+            lambda tmp: panel_chart(panels, tmp, title=title),
+            tmp=self.out_dir / ".epoch_loss.tmp.png",  # Pillow takes the format from the suffix
         )
+
+
+def _replace(path: Path, content: str | Callable[[Path], object], tmp: Path | None = None) -> None:
+    """Write ``path`` through a temporary file and a rename, so a reader sees the old or the new file, whole.
+
+    ``content`` is the text, or a function that writes the temporary file it is given.
+    """
+    tmp = tmp or path.with_name(f".{path.name}.tmp")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

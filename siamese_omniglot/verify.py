@@ -1,8 +1,9 @@
-"""The Verifier: a trained model and its calibrated threshold, for comparing and embedding images."""
+"""The Verifier: a trained model and its calibrated threshold, for comparing, embedding and classifying images."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,29 @@ import torch
 from . import devices
 from .checkpoint import load_checkpoint
 from .data.images import fit_to_canvas, read_image
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, SiameseError
 from .evaluate import embed_pixels
+from .gallery import Classification, Support, class_scores, load_support, model_fingerprint, rank_classes
 from .models import ModelConfig, SiameseNetwork
 
 ImageLike = str | Path | np.ndarray | torch.Tensor
+
+# Where a bundled model would live; none ships yet (a release may add one).
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "fast.pt"
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint bundled with the package, used when a command is given none.
+
+    Raises:
+        CheckpointError: this installation bundles no model.
+    """
+    if BUNDLED_CHECKPOINT.is_file():
+        return BUNDLED_CHECKPOINT
+    raise CheckpointError(
+        f"no checkpoint given, and this installation bundles no model ({BUNDLED_CHECKPOINT} is absent); "
+        "pass a checkpoint trained with `siamese train`, such as logs/fast/best.pt"
+    )
 
 
 @dataclass(frozen=True)
@@ -49,7 +68,10 @@ class Verifier:
         """Load a checkpoint written by training (weights are loaded safely, no code runs)."""
         device = devices.resolve_device(device) if isinstance(device, str) else device
         state = load_checkpoint(path)
-        model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
+        try:
+            model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
+        except (SiameseError, TypeError, ValueError) as error:  # another version's or a hand-made config
+            raise CheckpointError(f"{path}: its model config cannot be built ({error})") from None
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as error:
@@ -79,4 +101,41 @@ class Verifier:
         """Score two images and decide whether they show the same character."""
         score = self.score(first, second)
         return Comparison(score=score, same=score >= self.threshold, threshold=self.threshold)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the model's weights: the key of cached support embeddings."""
+        return model_fingerprint(self.model)
+
+    def load_support(self, folder: str | Path, cache: bool = True) -> Support:
+        """Embed a support folder (``<class>/<image>`` or ``<class>.png``), or read it from its cache."""
+        return load_support(folder, self.embed, self.fingerprint, cache)
+
+    def classify(
+        self, queries: ImageLike | list[ImageLike], support: str | Path | Support, top_k: int = 5, cache: bool = True
+    ) -> list[Classification]:
+        """Recognise each query among the classes of a support gallery: the ``top_k`` classes, best first.
+
+        A class scores the sigmoid of the mean logit over its support images; ``same`` marks scores at or
+        above the threshold. The support embeddings are computed once and cached beside the images.
+
+        >>> verifier.classify("query.png", "support/", top_k=3)[0].best      # doctest: +SKIP
+        Match(class_name='character05', score=0.91, same=True)
+
+        Args:
+            queries: image files or uint8 arrays (255 = paper); one or a list.
+            support: a support folder, or a :class:`Support` already loaded by :meth:`load_support`.
+            top_k: how many classes to return per query.
+            cache: read and write the support folder's embedding cache.
+        """
+        if top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, not {top_k}")
+        if not isinstance(support, Support):
+            support = self.load_support(support, cache)
+        items = queries if isinstance(queries, list) else [queries]
+        if isinstance(queries, (np.ndarray, torch.Tensor)) and queries.ndim == 3:
+            items = list(queries)
+        names = [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
+        scores = class_scores(self.model, self.embed(items), support)
+        return rank_classes(scores, support, names, top_k, self.threshold)
 

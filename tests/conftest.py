@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -63,3 +65,35 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(mini_background: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of the fast preset trained for 40 steps on ``mini_background`` (about 10 s on one core)."""
+    import torch
+
+    from siamese_omniglot.config import preset
+    from siamese_omniglot.data import load_folder
+    from siamese_omniglot.train import Trainer
+
+    config = preset("fast", max_steps=40, batch_size=32, val_pairs=50, log_every=20)
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    return Trainer(config, load_folder(mini_background), out, torch.device("cpu")).fit().best_checkpoint
+
+
+def _run_siamese(*args: object, cwd: Path, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``siamese ARGS`` in a fresh interpreter on one thread, with no SIAMESE_* settings inherited.
+
+    ``blocked`` names packages to make unimportable (as if not installed) for that run.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+    prelude = "".join(f"sys.modules[{name!r}] = None; " for name in blocked)
+    code = f"import sys; {prelude}from siamese_omniglot.cli import main; sys.argv[0] = 'siamese'; main()"
+    command = [sys.executable, "-c", code, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="session")
+def run_siamese():
+    """The ``siamese`` command as a function: ``run_siamese(*args, cwd=…, blocked=("matplotlib",))``."""
+    return _run_siamese

@@ -35,8 +35,8 @@ def _dump(trainer: so.Trainer) -> None:
 _fit = train.Trainer.fit
 
 
-def _fit_and_dump(self, resume=None):
-    result = _fit(self, resume)
+def _fit_and_dump(self, resume=None, **options):
+    result = _fit(self, resume, **options)
     _dump(self)
     return result
 

@@ -17,6 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # as when the script runs: its folder comes first
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -61,6 +63,21 @@ def test_results_row_quotes_the_measured_figures():
     assert row.startswith("| 2026-11-29 | `fast` | cpu | 12.3 min | **91.2%** |")
     assert "90.0% (88.0%–92.0%)" in row and "0.9877 / 5.0%" in row and "5 min: 80.0%, 10 min: 85.0%" in row
     assert row.count("|") == 12
+    report["reference_protocol"] = {"accuracy": 0.975, "pairs": 2000, "threshold": 0.5}
+    assert accuracy.reference_row(report).startswith(
+        "| 2026-11-29 | `fast` | cpu | 12.3 min | **97.5%** (2000 pairs, threshold 0.500) | 91.2% |"
+    )
+
+
+def test_insert_row_goes_under_its_heading(tmp_path):
+    table = _load("results_table")
+    page = tmp_path / "results.md"
+    page.write_text("# R\n\n## A\n\n| a |\n| --- |\n| 1 |\n\n## B\n\n| b |\n| --- |\n")
+    table.insert_row(page, "## A", "| 2 |")
+    table.insert_row(page, "## B", "| x |")
+    assert page.read_text() == "# R\n\n## A\n\n| a |\n| --- |\n| 1 |\n| 2 |\n\n## B\n\n| b |\n| --- |\n| x |\n"
+    with pytest.raises(SystemExit, match="no heading"):
+        table.insert_row(page, "## C", "| y |")
 
 
 def test_throughput_benchmark_reports_sane_rates(mini_background):

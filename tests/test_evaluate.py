@@ -21,6 +21,7 @@ from siamese_omniglot.evaluate import (
     one_shot_accuracy,
     pair_metrics,
     roc_auc,
+    roc_curve,
 )
 from siamese_omniglot.models import SiameseNetwork, build_model
 
@@ -166,3 +167,14 @@ def test_embed_pixels_uses_eval_mode_and_restores_training(lake_runs: LakeRuns) 
     assert model.training
     assert whole.shape == (20, model.embedding_dim)
     torch.testing.assert_close(whole, in_chunks)  # batch norm used running statistics, not batch ones
+
+
+def test_roc_curve_runs_from_origin_to_corner_and_encloses_the_auc() -> None:
+    generator = torch.Generator().manual_seed(3)
+    same = torch.arange(300) % 3 == 0
+    scores = torch.randn(300, generator=generator) + same.float()
+    fpr, tpr = roc_curve(scores, same)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert bool((fpr.diff() >= 0).all() and (tpr.diff() >= 0).all())
+    area = float(((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2).sum())  # trapezoids: ties count ½
+    assert area == pytest.approx(roc_auc(scores, same), abs=1e-9)

@@ -140,15 +140,15 @@ def test_classify_loss_falls(classify_run: dict) -> None:
 
 def test_pair_objective_loss_falls(small: ImageSet, tmp_path: Path) -> None:
     config = preset(
-        "fast", objective="pair", max_steps=12, batch_size=16, lr=1.0, augment=False, val_pairs=50, log_every=4
+        "fast", objective="pair", max_steps=24, batch_size=16, lr=1.0, augment=False, val_pairs=50, log_every=8
     )
     progress: list[Progress] = []
     result = Trainer(config, small, tmp_path / "pair", CPU, on_progress=progress.append).fit()
     losses = [p.loss for p in progress]
     assert len(losses) == 3
-    assert losses[-1] < losses[0] - 0.05
+    assert losses[-1] < losses[0] - 0.02
     assert losses[-1] < math.log(2)  # better than a 50/50 guess
-    assert result.history[-1].step == 12
+    assert result.history[-1].step == 24
     assert torch.load(result.last_checkpoint, weights_only=True)["training"]["classifier"] is None
 
 
@@ -207,8 +207,8 @@ def test_resume_gives_the_uninterrupted_weights(
     expected = state_of(uninterrupted)
     assert state_of(resumed).keys() == expected.keys()
     for name, tensor in state_of(resumed).items():
-        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
-    assert result.history[-1].train_loss == pytest.approx(uninterrupted.history[-1].train_loss, abs=1e-6)
+        assert torch.equal(tensor, expected[name]), name  # bit for bit on the CPU
+    assert result.history[-1].val_roc_auc == uninterrupted.history[-1].val_roc_auc
 
 
 def test_resume_with_another_objective_is_refused(classify_run: dict, small: ImageSet, tmp_path: Path) -> None:

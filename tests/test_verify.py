@@ -17,7 +17,7 @@ from siamese_omniglot.data import decode_image, load_folder, read_image
 from siamese_omniglot.errors import CheckpointError, DataError, DeviceError
 from siamese_omniglot.models import build_model
 from siamese_omniglot.train import Trainer
-from siamese_omniglot.verify import Comparison, Verifier
+from siamese_omniglot.verify import Comparison, Verifier, default_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,14 @@ def test_weights_that_do_not_fit_the_config_are_a_checkpoint_error(checkpoint: P
 def test_unknown_device_is_a_device_error(checkpoint: Path) -> None:
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         Verifier.from_checkpoint(checkpoint, "tpu")
+
+
+def test_default_checkpoint_is_the_bundled_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundled = tmp_path / "weights" / "fast.pt"
+    monkeypatch.setattr("siamese_omniglot.verify.BUNDLED_CHECKPOINT", bundled)
+    with pytest.raises(CheckpointError, match=r"no checkpoint given, and this installation bundles no model .*"
+                       r"pass a checkpoint trained with `siamese train`"):
+        default_checkpoint()
+    bundled.parent.mkdir()
+    bundled.write_bytes(b"weights")
+    assert default_checkpoint() == bundled

@@ -3,7 +3,7 @@
 from .episodes import Episodes, LakeRuns, load_lake_runs, sample_drawer_runs, sample_episodes
 from .images import CANVAS_PX, ImageSet, decode_image, read_image, to_ink
 from .omniglot import load_evaluation_set, load_folder, load_split, load_training_set
-from .pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_validation
+from .pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_images, split_validation
 
 __all__ = [
     "CANVAS_PX",
@@ -23,6 +23,7 @@ __all__ = [
     "sample_drawer_runs",
     "sample_episodes",
     "seeded_generator",
+    "split_images",
     "split_validation",
     "to_ink",
 ]

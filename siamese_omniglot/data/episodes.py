@@ -107,7 +107,8 @@ def load_lake_runs(path: str | Path) -> LakeRuns:
         raise DataError(f"{path}: no runNN/class_labels.txt found; is this Lake's all_runs.zip?")
     training, test, answers = [], [], []
     for run in run_names:
-        lines = [line.strip() for line in files[f"{run}/class_labels.txt"].decode().splitlines() if line.strip()]
+        text = files[f"{run}/class_labels.txt"].decode(errors="replace")  # a garbled byte fails the line check
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         train_names = sorted(p for p in files if p.startswith(f"{run}/training/") and p.endswith(".png"))
         index = {PurePosixPath(p).stem: i for i, p in enumerate(train_names)}
         tests, labels = [], []

@@ -74,18 +74,58 @@ def index_paths(paths: Sequence[str], source: str) -> ImageIndex:
 
 
 def decode_index(
-    index: ImageIndex, read: Callable[[str], bytes], progress: ProgressFn | None = None
+    index: ImageIndex,
+    read: Callable[[str], bytes],
+    progress: ProgressFn | None = None,
+    skip_bad: bool = False,
+    source: str = "the data set",
 ) -> ImageSet:
-    """Decode every image of ``index`` once, reading bytes with ``read(relative_path)``."""
+    """Decode every image of ``index`` once, reading bytes with ``read(relative_path)``.
+
+    Every image is tried before anything is refused, so one error lists all unreadable files (the first
+    few and a count). With ``skip_bad`` they are left out with a warning instead, and so are classes
+    left with fewer than 2 images. ``source`` names the tree in messages.
+    """
     pixels = np.empty((len(index.paths), CANVAS_PX, CANVAS_PX), dtype=np.uint8)
+    good = np.ones(len(index.paths), dtype=bool)
+    problems: list[str] = []
     for i, path in enumerate(index.paths):
-        pixels[i] = decode_image(read(path), path)
+        try:
+            pixels[i] = decode_image(read(path), path)
+        except DataError as error:
+            good[i] = False
+            problems.append(str(error))
         if progress is not None and (i % 500 == 0 or i + 1 == len(index.paths)):
             progress(i + 1, len(index.paths))
-    return ImageSet(
+    images = ImageSet(
         pixels=torch.from_numpy(pixels),
         labels=torch.tensor(index.labels, dtype=torch.int64),
         class_names=index.class_names,
         class_groups=torch.tensor(index.class_groups, dtype=torch.int64),
         group_names=index.group_names,
     )
+    if not problems:
+        return images
+    listed = _listing(problems, separator="; ")
+    if not skip_bad:
+        raise DataError(
+            f"{source}: {len(problems)} of {len(index.paths)} images cannot be read: {listed}; "
+            "fix or remove them, or skip them with --skip-bad-images"
+        )
+    log.warning("%s: skipping %d unreadable images: %s", source, len(problems), listed)
+    images = images.subset_images(torch.from_numpy(good))
+    counts = torch.bincount(images.labels, minlength=images.num_classes)
+    if bool((counts < 2).any()):
+        lost = [images.class_names[i] for i in torch.nonzero(counts < 2).flatten().tolist()]
+        log.warning("%s: leaving out %d classes left with fewer than 2 images: %s", source, len(lost),
+                    _listing(lost))
+    usable = torch.nonzero(counts >= 2).flatten()
+    if usable.numel() < 2:
+        raise DataError(f"{source}: fewer than 2 classes keep 2 readable images; nothing to train on")
+    return images.subset_classes(usable)
+
+
+def _listing(items: list[str], shown: int = 5, separator: str = ", ") -> str:
+    """The first ``shown`` items and how many more."""
+    more = len(items) - shown
+    return separator.join(items[:shown]) + (f"{separator}… and {more} more" if more > 0 else "")

@@ -61,6 +61,10 @@ class ImageSet:
             group_names=tuple(self.group_names[i] for i in groups_used.tolist()),
         )
 
+    def subset_images(self, keep: torch.Tensor) -> ImageSet:
+        """The images where the boolean mask ``keep`` is set; every class keeps its label."""
+        return ImageSet(self.pixels[keep], self.labels[keep], self.class_names, self.class_groups, self.group_names)
+
     def class_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First image index and image count of every class."""
         counts = torch.bincount(self.labels, minlength=self.num_classes)
@@ -81,6 +85,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on odd files ("Corrupt EXIF data", …) are not ours
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
@@ -88,8 +93,11 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
                 gray = _to_gray(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{name}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{name}: not a readable image ({error})") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not a readable image (not a format Pillow recognises)") from None
+    except Exception as error:  # Pillow's parsers raise many types on hostile bytes
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{name}: not a readable image ({reason})") from None
     return fit_to_canvas(gray)
 
 

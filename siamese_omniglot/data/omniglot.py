@@ -9,7 +9,9 @@ never extracted. Missing archives are downloaded from the official repository or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import logging
 import os
 import tempfile
@@ -84,9 +86,9 @@ class _ZipSource:
         self._names: dict[str, str] = {}
         for info in self._zip.infolist():
             name = info.filename
-            parts = PurePosixPath(name).parts
-            if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
-                raise DataError(f"{path}: refusing unsafe archive entry {name!r}")
+            parts = PurePosixPath(name.replace("\\", "/")).parts  # a backslash is a separator on Windows
+            if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise DataError(f"{path}: refusing unsafe archive entry {name!r} (it points outside the archive)")
             if info.is_dir():
                 continue
             if top is not None and parts and parts[0] == top:
@@ -152,12 +154,23 @@ def find_split(root: Path, split: Split) -> Path | None:
 def fetch_archive(
     filename: str, root: Path, mirror: str | None = None, progress: ProgressFn | None = None
 ) -> Path:
-    """Download ``filename`` from the mirror (or the official repository) into ``root``, atomically."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Download ``filename`` from the mirror (or the official repository) into ``root``, atomically.
+
+    The bytes go to a hidden ``.part`` file that is renamed only once the whole archive has arrived and
+    is on disk, so an interrupted download is never taken for the archive.
+    """
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
+            dir=root, prefix=f".{filename}.", suffix=".part", delete=False
+        )
+    except OSError as error:
+        raise DataError(f"{root}: cannot write the download there ({error.strerror or error})") from None
     target = root / filename
     source = mirror_source(mirror)
-    with tempfile.NamedTemporaryFile(dir=root, prefix=f".{filename}.", suffix=".part", delete=False) as tmp:
-        try:
+    try:
+        with tmp:
             if source and urllib.parse.urlparse(source).scheme not in ("http", "https", "ftp"):
                 local = Path(urllib.parse.urlparse(source).path if source.startswith("file:") else source)
                 if not (local / filename).is_file():
@@ -171,29 +184,38 @@ def fetch_archive(
                     with urllib.request.urlopen(url, timeout=60) as response:
                         size = int(response.headers.get("Content-Length") or 0)
                         _copy_stream(response, tmp, size, filename, progress)
-                except (urllib.error.URLError, OSError) as error:
+                except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
                     raise DataError(
                         f"cannot download {url} ({getattr(error, 'reason', error)}); "
                         f"put {filename} in {root} or name a mirror with --mirror or ${MIRROR_ENV}"
                     ) from None
             tmp.flush()
             os.fsync(tmp.fileno())
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, target)
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, target)
+    except BaseException as error:
+        Path(tmp.name).unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only when still empty: a folder made for nothing is not left behind
+        if isinstance(error, OSError):  # a full disk or a vanished folder while writing
+            raise DataError(f"{target}: cannot write the download ({error.strerror or error})") from None
+        raise
     return target
 
 
 def _copy_stream(source, sink, total: int, what: str, progress: ProgressFn | None) -> None:
     done = 0
     for block in iter(lambda: source.read(1 << 20), b""):
-        sink.write(block)
+        try:
+            sink.write(block)
+        except OSError as error:  # a full disk, not a network failure
+            raise DataError(f"{sink.name}: cannot write the download ({error.strerror or error})") from None
         done += len(block)
         if progress is not None:
             progress(f"download {what}", done, total)
+    if total and done != total:  # a dropped connection ends the stream early without an error
+        raise DataError(f"download of {what} stopped after {done:,} of {total:,} bytes; retry")
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -205,10 +227,12 @@ def load_split(
     mirror: str | None = None,
     download: bool = True,
     progress: ProgressFn | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageSet:
     """Load one Omniglot split (``background`` or ``evaluation``), fetching it when missing.
 
-    Alphabets become the groups and characters the classes of the returned ImageSet.
+    Alphabets become the groups and characters the classes of the returned ImageSet. Unreadable
+    images are all listed in one DataError, or left out with a warning when ``skip_bad_images``.
     """
     split = SPLITS[split] if isinstance(split, str) else split
     root = data_root(data)
@@ -226,19 +250,22 @@ def load_split(
             source = _FolderSource(inner if inner.is_dir() else location)
         else:
             source = _ZipSource(location, top=split.name)
-        return _load_cached(source, root, split.name, progress, check=split)
+        return _load_cached(source, root, split.name, progress, check=split, skip_bad=skip_bad_images)
     except DataError:
         if downloaded:  # never leave a bad download behind as if it were the data set
             location.unlink(missing_ok=True)
         raise
 
 
-def load_folder(path: str | Path, progress: ProgressFn | None = None) -> ImageSet:
-    """Load a custom tree ``<group>/<class>/<image>`` or ``<class>/<image>`` (cached beside it)."""
+def load_folder(path: str | Path, progress: ProgressFn | None = None, skip_bad_images: bool = False) -> ImageSet:
+    """Load a custom tree ``<group>/<class>/<image>`` or ``<class>/<image>`` (cached beside it).
+
+    Unreadable images are all listed in one DataError, or left out with a warning when ``skip_bad_images``.
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
         raise DataError(f"{path}: no such folder")
-    return _load_cached(_FolderSource(path), path, "folder", progress, check=None)
+    return _load_cached(_FolderSource(path), path, "folder", progress, check=None, skip_bad=skip_bad_images)
 
 
 def looks_like_omniglot(root: Path) -> bool:
@@ -249,26 +276,34 @@ def looks_like_omniglot(root: Path) -> bool:
 
 
 def load_training_set(
-    data: str | Path | None = None, mirror: str | None = None, progress: ProgressFn | None = None
+    data: str | Path | None = None,
+    mirror: str | None = None,
+    progress: ProgressFn | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageSet:
     """Images to train on: Omniglot's background split, or the custom tree at the data root."""
     root = data_root(data)
     if looks_like_omniglot(root):
-        return load_split(BACKGROUND, root, mirror, progress=progress)
-    return load_folder(root, progress)
+        return load_split(BACKGROUND, root, mirror, progress=progress, skip_bad_images=skip_bad_images)
+    return load_folder(root, progress, skip_bad_images)
 
 
 def load_evaluation_set(
-    data: str | Path | None = None, mirror: str | None = None, progress: ProgressFn | None = None
+    data: str | Path | None = None,
+    mirror: str | None = None,
+    progress: ProgressFn | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageSet:
     """Images never seen in training: Omniglot's evaluation split, or the custom tree at the data root."""
     root = data_root(data)
     if looks_like_omniglot(root):
-        return load_split(EVALUATION, root, mirror, progress=progress)
-    return load_folder(root, progress)
+        return load_split(EVALUATION, root, mirror, progress=progress, skip_bad_images=skip_bad_images)
+    return load_folder(root, progress, skip_bad_images)
 
 
-def _load_cached(source, root: Path, name: str, progress: ProgressFn | None, check: Split | None) -> ImageSet:
+def _load_cached(
+    source, root: Path, name: str, progress: ProgressFn | None, check: Split | None, skip_bad: bool = False
+) -> ImageSet:
     key = source.fingerprint()[:20]
     cache = root / CACHE_DIR / f"{name}-v{CACHE_VERSION}-{key}.npz"
     if cache.is_file():
@@ -279,7 +314,10 @@ def _load_cached(source, root: Path, name: str, progress: ProgressFn | None, che
     index = index_paths(source.list(), str(source.path))
     if check is not None:
         _check_contents(source, index, check)
-    images = decode_index(index, source.read, (lambda d, t: progress(f"decode {name}", d, t)) if progress else None)
+    report = (lambda d, t: progress(f"decode {name}", d, t)) if progress else None
+    images = decode_index(index, source.read, report, skip_bad=skip_bad, source=str(source.path))
+    if len(images) < len(index.paths):
+        return images  # bad images were skipped: not cached, so a later run without skipping still sees them
     try:
         _write_cache(cache, images)
     except OSError as error:
@@ -310,18 +348,24 @@ def _write_cache(cache: Path, images: ImageSet) -> None:
     pixels = images.pixels.numpy()
     binary = bool(((pixels == 0) | (pixels == 255)).all())
     with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as tmp:
-        np.savez(
-            tmp,
-            pixels=np.packbits(pixels == 255) if binary else pixels,
-            binary=np.array(binary),
-            shape=np.array(pixels.shape),
-            labels=images.labels.numpy(),
-            class_names=np.array(images.class_names),
-            class_groups=images.class_groups.numpy(),
-            group_names=np.array(images.group_names),
-        )
-        tmp.flush()
-        os.fsync(tmp.fileno())
+        try:
+            np.savez(
+                tmp,
+                pixels=np.packbits(pixels == 255) if binary else pixels,
+                binary=np.array(binary),
+                shape=np.array(pixels.shape),
+                labels=images.labels.numpy(),
+                class_names=np.array(images.class_names),
+                class_groups=images.class_groups.numpy(),
+                group_names=np.array(images.group_names),
+            )
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:  # a full disk: leave no partial cache behind
+            with contextlib.suppress(OSError):
+                tmp.close()
+            os.unlink(tmp.name)
+            raise
     os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, cache)
 

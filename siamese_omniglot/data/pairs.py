@@ -16,12 +16,20 @@ from ..errors import DataError
 from .images import ImageSet
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on ``keys`` (for example seed, epoch, rank)."""
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` whose stream depends only on ``keys`` (for example seed, epoch, rank).
+
+    Drawing on the training device keeps sampling free of host-to-device copies (each of which would
+    wait for the device's queue); a device kind without its own generators gets a CPU one.
+    """
     seed = 0
     for key in keys:
         seed = (seed * 1_000_003 + int(key) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    try:
+        generator = torch.Generator(device=device)
+    except RuntimeError:
+        generator = torch.Generator()
+    return generator.manual_seed(seed)
 
 
 @dataclass(frozen=True)
@@ -67,47 +75,72 @@ def split_validation(images: ImageSet, fraction: float, seed: int) -> tuple[Imag
     return images.subset_classes(train), images.subset_classes(val)
 
 
+def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Split into (train, validation) by holding out a seeded ``fraction`` of every class's images.
+
+    This is the reference's protocol (a 90/10 split of ``images_background``): validation then measures
+    new drawings of characters seen in training, not characters never seen.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
+    start, count = images.class_ranges()
+    if int(count.min()) < 3:
+        raise DataError("an image split needs at least 3 images per class (2 to train on, 1 to validate)")
+    ranks = torch.rand(len(images), generator=seeded_generator(seed, 19))
+    # rank of each image within its class (images of a class are contiguous)
+    order = torch.argsort(images.labels * 2 + ranks, stable=True)
+    position = torch.empty(len(images), dtype=torch.int64)
+    position[order] = torch.arange(len(images)) - start[images.labels[order]]
+    held = (count.float() * fraction).round().long().clamp(min=1, max=None)
+    val = position < held[images.labels]
+    return images.subset_images(~val), images.subset_images(val)
+
+
 class PairSampler:
     """Balanced same/different pairs over an ImageSet, deterministic in (seed, epoch, rank)."""
 
-    def __init__(self, images: ImageSet, within_group: float = 0.5) -> None:
+    def __init__(self, images: ImageSet, within_group: float = 0.5, device: torch.device | str = "cpu") -> None:
         if not 0 <= within_group <= 1:
             raise DataError(f"within-alphabet negative probability must be in [0, 1], got {within_group}")
         self.within_group = within_group
-        self.class_start, self.class_count = images.class_ranges()
-        self.group_start, self.group_count = images.group_ranges()
-        self.class_groups = images.class_groups
+        self.class_start, self.class_count = (t.to(device) for t in images.class_ranges())
+        self.group_start, self.group_count = (t.to(device) for t in images.group_ranges())
+        self.class_groups = images.class_groups.to(device)
         self.num_classes = images.num_classes
 
     def sample(self, count: int, generator: torch.Generator) -> Pairs:
-        """``count`` same pairs followed by ``count`` different pairs."""
-        classes = torch.randint(self.num_classes, (count,), generator=generator)
+        """``count`` same pairs followed by ``count`` different pairs, on the generator's device."""
+        classes = torch.randint(self.num_classes, (count,), generator=generator, device=generator.device)
+        classes = classes.to(self.class_start.device)
         a, b = self._two_images(classes, generator)
         other = self._other_classes(classes, generator)
         c = self._one_image(classes, generator)
         d = self._one_image(other, generator)
-        same = torch.cat([torch.ones(count, dtype=torch.bool), torch.zeros(count, dtype=torch.bool)])
+        same = torch.arange(2 * count, device=classes.device) < count
         return Pairs(torch.cat([a, c]), torch.cat([b, d]), same)
 
+    def _rand(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(classes.shape, generator=generator, device=generator.device).to(classes.device)
+
     def _one_image(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        offsets = (torch.rand(classes.shape, generator=generator) * self.class_count[classes]).long()
+        offsets = (self._rand(classes, generator) * self.class_count[classes]).long()
         return self.class_start[classes] + offsets
 
     def _two_images(self, classes: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         count = self.class_count[classes]
-        first = (torch.rand(classes.shape, generator=generator) * count).long()
-        step = 1 + (torch.rand(classes.shape, generator=generator) * (count - 1)).long()
+        first = (self._rand(classes, generator) * count).long()
+        step = 1 + (self._rand(classes, generator) * (count - 1)).long()
         start = self.class_start[classes]
         return start + first, start + (first + step) % count
 
     def _other_classes(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        anywhere = (classes + 1 + (torch.rand(classes.shape, generator=generator) * (self.num_classes - 1)).long())
+        anywhere = (classes + 1 + (self._rand(classes, generator) * (self.num_classes - 1)).long())
         anywhere = anywhere % self.num_classes
         groups = self.class_groups[classes]
         size, start = self.group_count[groups], self.group_start[groups]
-        step = 1 + (torch.rand(classes.shape, generator=generator) * (size - 1).clamp(min=0)).long()
+        step = 1 + (self._rand(classes, generator) * (size - 1).clamp(min=0)).long()
         same_group = start + (classes - start + step) % size
-        use_group = (torch.rand(classes.shape, generator=generator) < self.within_group) & (size > 1)
+        use_group = (self._rand(classes, generator) < self.within_group) & (size > 1)
         return torch.where(use_group, same_group, anywhere)
 
 

@@ -1,0 +1,284 @@
+"""ONNX export: the embedding network and the pair scorer as two ONNX models, checked against PyTorch.
+
+Two files, so that a gallery is embedded once and each new image costs one embedding:
+
+- ``embedding.onnx``: ``pixels`` uint8 [batch, 105, 105] (the canvas of ``Verifier.pixels``, 255 = paper)
+  → ``embeddings`` float32 [batch, D]. The ink conversion and the model's resize are inside the graph.
+- ``scorer.onnx``: ``first``, ``second`` float32 [batch, D] → ``logits`` and ``scores`` (the sigmoid of the
+  logits) float32 [batch]; two images show the same character when ``scores ≥ threshold``.
+
+Both carry the threshold, the model settings and the preprocessing in their metadata (``siamese.*`` keys).
+Exporting needs the ``onnx`` extra (``pip install 'siamese-omniglot[onnx]'``): ``onnx`` and ``onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from .checkpoint import PREPROCESSING
+from .data.images import CANVAS_PX, to_ink
+from .errors import DependencyError, ExportError, OutputError
+from .models import SiameseNetwork
+from .verify import Verifier
+
+DEFAULT_OPSET = 17
+TOLERANCE = 1e-4  # largest absolute difference from PyTorch accepted in float32
+EMBEDDING_FILE = "embedding.onnx"
+SCORER_FILE = "scorer.onnx"
+CHECK_BATCHES = (1, 8)  # two batch sizes: the dynamic batch axis is exercised, not just declared
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """Where an export wrote its models and how closely onnxruntime reproduces PyTorch."""
+
+    embedding_path: Path
+    scorer_path: Path
+    embedding_dim: int
+    threshold: float
+    opset: int
+    embedding_max_abs_diff: float  # over the embeddings of every check batch
+    scorer_max_abs_diff: float  # over the logits and scores of every check batch
+    tolerance: float
+    check_batches: tuple[int, ...]
+
+    @property
+    def max_abs_diff(self) -> float:
+        """The larger of the two differences."""
+        return max(self.embedding_max_abs_diff, self.scorer_max_abs_diff)
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self) | {
+            "embedding_path": str(self.embedding_path),
+            "scorer_path": str(self.scorer_path),
+            "check_batches": list(self.check_batches),
+            "max_abs_diff": self.max_abs_diff,
+        }
+
+
+def area_matrix(in_px: int, out_px: int) -> torch.Tensor:
+    """The [out_px, in_px] matrix ``A`` with ``A @ x @ A.T`` equal to area resizing of x (adaptive average pooling).
+
+    ONNX has no adaptive pooling to sizes that do not divide the input (105 → 40), but area resizing is
+    separable: each output row averages a fixed range of input rows, and likewise for columns.
+    """
+    matrix = torch.zeros(out_px, in_px, dtype=torch.float64)
+    for i in range(out_px):
+        start, end = (i * in_px) // out_px, -((-(i + 1) * in_px) // out_px)  # the ranges of adaptive_avg_pool
+        matrix[i, start:end] = 1 / (end - start)
+    return matrix.float()
+
+
+class PixelEmbedding(nn.Module):
+    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, then the model's ``Embedding`` with its
+    area resize written as two matrix products."""
+
+    def __init__(self, model: SiameseNetwork, canvas_px: int = CANVAS_PX) -> None:
+        super().__init__()
+        embedding = model.embedding
+        self.backbone, self.normalize = embedding.backbone, embedding.normalize
+        resize = area_matrix(canvas_px, embedding.input_px) if embedding.input_px != canvas_px else None
+        self.register_buffer("resize", resize)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        ink = (255 - pixels.float()).div(255).unsqueeze(1)
+        if self.resize is not None:
+            ink = self.resize @ ink @ self.resize.T
+        vectors = self.backbone(ink)
+        return F.normalize(vectors, dim=1) if self.normalize else vectors
+
+
+class PairScorer(nn.Module):
+    """Embeddings [N, D] × 2 → same-class logits [N] and scores (their sigmoid) [N]."""
+
+    def __init__(self, model: SiameseNetwork) -> None:
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head((first - second).abs()).squeeze(-1)
+        return logits, torch.sigmoid(logits)
+
+
+def check_pixels(count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` synthetic canvases for the check: pen strokes of random widths on white paper."""
+    rng = np.random.default_rng(seed)
+    canvases = []
+    for _ in range(count):
+        image = Image.new("L", (CANVAS_PX, CANVAS_PX), 255)
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(2, 7))):
+            points = [tuple(int(v) for v in rng.integers(5, CANVAS_PX - 5, 2)) for _ in range(3)]
+            draw.line(points, fill=int(rng.integers(0, 80)), width=int(rng.integers(1, 5)))
+        canvases.append(np.asarray(image))
+    return torch.from_numpy(np.stack(canvases))
+
+
+def _onnx_modules():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise DependencyError(
+            f"ONNX export needs onnx and onnxruntime ({error.name or 'onnx'} is missing): "
+            "pip install 'siamese-omniglot[onnx]'"
+        ) from None
+    return onnx, onnxruntime
+
+
+def export_onnx(
+    model: SiameseNetwork | Verifier,
+    out_dir: str | Path,
+    threshold: float | None = None,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = TOLERANCE,
+) -> OnnxExport:
+    """Write ``embedding.onnx`` and ``scorer.onnx`` to ``out_dir`` and check them with onnxruntime.
+
+    The models are exported in float32 on the CPU with a dynamic batch axis, then run by onnxruntime at
+    two batch sizes on synthetic strokes and compared with PyTorch. The files appear only when the largest
+    absolute difference is within ``tolerance``; otherwise nothing is written and ``ExportError`` says by
+    how much they differ. Existing files of the same names are replaced.
+
+    Args:
+        model: a ``Verifier`` (its threshold is used) or a ``SiameseNetwork``.
+        out_dir: the folder to write to (created when missing).
+        threshold: the decision threshold stored in the metadata (default: the Verifier's).
+        opset: the ONNX opset version.
+        tolerance: the largest absolute difference from PyTorch accepted.
+    """
+    onnx, ort = _onnx_modules()
+    if isinstance(model, Verifier):
+        threshold = model.threshold if threshold is None else threshold
+        model = model.model
+    network = _cpu_copy(model)
+    embedding, scorer = PixelEmbedding(network).eval(), PairScorer(network).eval()
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{out_dir}: cannot create ({error.strerror})") from None
+    metadata = {
+        "siamese.threshold": json.dumps(threshold),
+        "siamese.model_config": json.dumps(network.config.to_dict()),
+        "siamese.preprocessing": json.dumps(PREPROCESSING),
+        "siamese.embedding_dim": str(network.embedding_dim),
+    }
+    dim = network.embedding_dim
+    with _temporary(out_dir, EMBEDDING_FILE) as embedding_tmp, _temporary(out_dir, SCORER_FILE) as scorer_tmp:
+        sample = check_pixels(2)
+        _export(embedding, (sample,), embedding_tmp, ["pixels"], ["embeddings"], opset)
+        vectors = torch.zeros(2, dim)
+        _export(scorer, (vectors, vectors), scorer_tmp, ["first", "second"], ["logits", "scores"], opset)
+        for path, role in ((embedding_tmp, "embedding"), (scorer_tmp, "scorer")):
+            _add_metadata(onnx, path, metadata | {"siamese.role": role})
+        embedding_diff, scorer_diff = _compare(ort, network, embedding_tmp, scorer_tmp)
+        if max(embedding_diff, scorer_diff) > tolerance:
+            raise ExportError(
+                f"onnxruntime differs from PyTorch by {max(embedding_diff, scorer_diff):.3g} (embeddings "
+                f"{embedding_diff:.3g}, scores {scorer_diff:.3g}), more than {tolerance:g}; nothing was written. "
+                f"Try another --opset, or report the torch and onnxruntime versions"
+            )
+        embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
+        for tmp, path in ((embedding_tmp, embedding_path), (scorer_tmp, scorer_path)):
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the models from other users
+            os.replace(tmp, path)
+    return OnnxExport(
+        embedding_path=embedding_path,
+        scorer_path=scorer_path,
+        embedding_dim=dim,
+        threshold=threshold,
+        opset=opset,
+        embedding_max_abs_diff=embedding_diff,
+        scorer_max_abs_diff=scorer_diff,
+        tolerance=tolerance,
+        check_batches=CHECK_BATCHES,
+    )
+
+
+def _cpu_copy(model: SiameseNetwork) -> SiameseNetwork:
+    """A float32 CPU copy in eval mode (the caller's model stays where it is)."""
+    copy = SiameseNetwork(model.config)
+    copy.load_state_dict({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                          for k, v in model.state_dict().items()})
+    return copy.eval()
+
+
+@contextlib.contextmanager
+def _temporary(folder: Path, name: str) -> Iterator[Path]:
+    """A temporary file name in ``folder`` (renamed by the caller, removed when it is still there)."""
+    handle, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(path)
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
+    options: dict = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        # the TorchScript exporter: it needs no onnxscript, and torch 2.4 (no such argument) uses it anyway
+        options["dynamo"] = False
+    dynamic = {name: {0: "batch"} for name in [*inputs, *outputs]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # deprecation notices about the exporter itself
+        try:
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, **options)
+        except Exception as error:  # the exporter raises many types, all meaning "cannot export this"
+            first = next(iter(str(error).splitlines()), type(error).__name__)
+            raise ExportError(f"cannot export to ONNX opset {opset}: {first}") from None
+
+
+def _add_metadata(onnx, path: Path, values: dict[str, str]) -> None:
+    proto = onnx.load(str(path))
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+@torch.no_grad()
+def _compare(ort, network: SiameseNetwork, embedding_path: Path, scorer_path: Path) -> tuple[float, float]:
+    """Largest absolute differences between onnxruntime and the PyTorch model as the Verifier runs it
+    (``embed(to_ink(pixels))``; logits and their sigmoid)."""
+    embed_session = _session(ort, embedding_path)
+    score_session = _session(ort, scorer_path)
+    embedding_diff = scorer_diff = 0.0
+    for seed, batch in enumerate(CHECK_BATCHES):
+        pixels = check_pixels(batch, seed + 1)
+        expected = network.embed(to_ink(pixels))
+        (got,) = embed_session.run(None, {"pixels": pixels.numpy()})
+        embedding_diff = max(embedding_diff, float(np.abs(got - expected.numpy()).max()))
+        other = expected.roll(1, dims=0)  # pairs (i, i - 1); with a batch of 1, an image with itself
+        logits = network.score_embeddings(expected, other)
+        outputs = score_session.run(None, {"first": expected.numpy(), "second": other.numpy()})
+        for output, reference in zip(outputs, (logits, torch.sigmoid(logits)), strict=True):
+            scorer_diff = max(scorer_diff, float(np.abs(output - reference.numpy()).max()))
+    return embedding_diff, scorer_diff
+
+
+def _session(ort, path: Path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own exception types
+        raise ExportError(f"onnxruntime cannot load the exported model: {error}") from None

@@ -1,0 +1,131 @@
+"""ONNX export: the models onnxruntime runs reproduce PyTorch (checked here independently of the command's own
+check), take any batch size, carry the threshold, and the command reports its difference and its errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from siamese_omniglot.errors import ExportError
+from siamese_omniglot.export import EMBEDDING_FILE, SCORER_FILE, OnnxExport, area_matrix, export_onnx
+from siamese_omniglot.verify import BUNDLED_CHECKPOINT, Verifier
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def verifier(tiny_checkpoint: Path) -> Verifier:
+    return Verifier.from_checkpoint(tiny_checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(verifier: Verifier, tmp_path_factory: pytest.TempPathFactory) -> OnnxExport:
+    return export_onnx(verifier, tmp_path_factory.mktemp("onnx") / "out")
+
+
+@pytest.fixture(scope="module")
+def real_pixels(verifier: Verifier, mini_evaluation: Path) -> torch.Tensor:
+    """11 real drawings of unseen characters, decoded as the Verifier decodes them."""
+    return verifier.pixels(sorted(mini_evaluation.glob("*/*/*.png"))[::33][:11])
+
+
+def session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("in_px", "out_px"), [(105, 40), (105, 28), (105, 105), (10, 3)])
+def test_area_matrix_is_area_resizing(in_px: int, out_px: int) -> None:
+    images = torch.rand(3, 1, in_px, in_px)
+    matrix = area_matrix(in_px, out_px)
+    expected = F.interpolate(images, size=(out_px, out_px), mode="area")
+    assert torch.allclose(matrix @ images @ matrix.T, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 11])
+def test_onnx_embeddings_match_pytorch_at_any_batch_size(
+    exported: OnnxExport, verifier: Verifier, real_pixels: torch.Tensor, batch: int
+) -> None:
+    pixels = real_pixels[:batch]
+    (embeddings,) = session(exported.embedding_path).run(None, {"pixels": pixels.numpy()})
+    expected = verifier.embed(pixels).numpy()
+    assert embeddings.shape == expected.shape == (batch, exported.embedding_dim)
+    assert np.abs(embeddings - expected).max() < 1e-4
+
+
+def test_onnx_scores_match_the_verifier(exported: OnnxExport, verifier: Verifier, real_pixels: torch.Tensor) -> None:
+    (embeddings,) = session(exported.embedding_path).run(None, {"pixels": real_pixels.numpy()})
+    first, second = embeddings, np.roll(embeddings, 3, axis=0)
+    logits, scores = session(exported.scorer_path).run(None, {"first": first, "second": second})
+    expected = [verifier.score(a, b) for a, b in zip(real_pixels.numpy(), np.roll(real_pixels.numpy(), 3, axis=0),
+                                                     strict=True)]
+    assert scores.shape == logits.shape == (len(real_pixels),)
+    assert np.abs(scores - np.array(expected)).max() < 1e-4
+    assert np.abs(scores - 1 / (1 + np.exp(-logits))).max() < 1e-6
+
+
+def test_export_reports_its_own_check(exported: OnnxExport) -> None:
+    assert 0 <= exported.embedding_max_abs_diff < 1e-4 and 0 <= exported.scorer_max_abs_diff < 1e-4
+    assert exported.max_abs_diff == max(exported.embedding_max_abs_diff, exported.scorer_max_abs_diff)
+    assert exported.check_batches == (1, 8)
+    assert sorted(p.name for p in exported.embedding_path.parent.iterdir()) == [EMBEDDING_FILE, SCORER_FILE]
+
+
+def test_models_declare_a_dynamic_batch_and_carry_the_threshold(exported: OnnxExport, verifier: Verifier) -> None:
+    embedding, scorer = onnx.load(str(exported.embedding_path)), onnx.load(str(exported.scorer_path))
+    (pixels,) = embedding.graph.input
+    dims = pixels.type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 105, 105]
+    assert pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [i.name for i in scorer.graph.input] == ["first", "second"]
+    assert [o.name for o in scorer.graph.output] == ["logits", "scores"]
+    for model, role in ((embedding, "embedding"), (scorer, "scorer")):
+        metadata = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(metadata["siamese.threshold"]) == verifier.threshold
+        assert json.loads(metadata["siamese.model_config"]) == verifier.model.config.to_dict()
+        assert metadata["siamese.role"] == role
+
+
+def test_a_failed_check_writes_nothing(verifier: Verifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("siamese_omniglot.export._compare", lambda *args: (3e-3, 1e-7))
+    with pytest.raises(ExportError, match=r"differs from PyTorch by 0\.003 .* more than 0\.0001; nothing was written"):
+        export_onnx(verifier, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # no models and no temporary files
+
+
+def test_cli_export_prints_the_difference(tiny_checkpoint: Path, run_siamese, tmp_path: Path) -> None:
+    result = run_siamese("export", tiny_checkpoint, "--format", "onnx", "--out", tmp_path / "onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"max abs difference (\S+) \(embeddings (\S+), scores (\S+); limit 1e-04\)", result.stdout)
+    assert match is not None, result.stdout
+    assert all(float(value) < 1e-4 for value in match.groups())
+    assert f"embedding: {tmp_path / 'onnx' / EMBEDDING_FILE}" in result.stdout
+    assert (tmp_path / "onnx" / SCORER_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "blocked", "message"),
+    [
+        (["--out", "onnx"], (), "no checkpoint given, and this installation bundles no model"),
+        (["CHECKPOINT", "--out", "onnx", "--format", "tflite"], (), "unknown export format 'tflite'"),
+        (["CHECKPOINT", "--out", "onnx"], ("onnxruntime",), "pip install 'siamese-omniglot[onnx]'"),
+    ],
+    ids=["no-checkpoint", "unknown-format", "no-onnxruntime"],
+)
+def test_cli_export_errors_are_one_line(
+    args: list[str], blocked: tuple[str, ...], message: str, tiny_checkpoint: Path, run_siamese, tmp_path: Path
+) -> None:
+    if "CHECKPOINT" not in args and BUNDLED_CHECKPOINT.exists():
+        pytest.skip("this installation bundles a model")
+    args = [tiny_checkpoint if a == "CHECKPOINT" else a for a in args]
+    result = run_siamese("export", *args, cwd=tmp_path, blocked=blocked)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir())

@@ -69,13 +69,17 @@ def model_only_step(trainer: so.Trainer):
     return lambda: trainer.optimize(loss)
 
 
-class PngPairs(torch.utils.data.Dataset):
-    """The conventional pipeline: decode PNGs with PIL and distort them with torchvision, per item."""
+class PngItems(torch.utils.data.Dataset):
+    """The conventional pipeline: decode PNGs with PIL and distort them with torchvision, per item.
 
-    def __init__(self, archive: Path, input_px: int, items: int) -> None:
+    An item is one image and its class (the ``classify`` objective) or one pair and whether it is a
+    same-class pair (the ``pair`` objective).
+    """
+
+    def __init__(self, archive: Path, input_px: int, items: int, pairs: bool) -> None:
         from torchvision import transforms
 
-        self.archive, self.items = archive, items
+        self.archive, self.items, self.pairs = archive, items, pairs
         with zipfile.ZipFile(archive) as source:
             names = sorted(n for n in source.namelist() if n.endswith(".png"))
         self.classes: dict[str, list[str]] = {}
@@ -98,28 +102,37 @@ class PngPairs(torch.utils.data.Dataset):
         with Image.open(io.BytesIO(self._zip.read(name))) as image:
             return 1 - self.transform(image.convert("L"))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng(index)
-        same = bool(index % 2)
-        first_class = self.keys[rng.integers(len(self.keys))]
-        second_class = first_class if same else self.keys[rng.integers(len(self.keys))]
-        first, second = rng.choice(self.classes[first_class]), rng.choice(self.classes[second_class])
-        return self._image(first), self._image(second), torch.tensor(float(first_class == second_class))
+        first = int(rng.integers(len(self.keys)))
+        if not self.pairs:
+            return self._image(rng.choice(self.classes[self.keys[first]])), torch.tensor(first)
+        second = first if index % 2 else int(rng.integers(len(self.keys)))
+        images = [self._image(rng.choice(self.classes[self.keys[c]])) for c in (first, second)]
+        return *images, torch.tensor(float(first == second))
 
 
 def dataloader_rate(trainer: so.Trainer, archive: Path, workers: int, warmup: int, steps: int) -> float:
-    """Images/s of the pair objective fed by PIL + DataLoader (pairs per step = 2 × batch size)."""
-    pairs_per_step = 2 * trainer.config.batch_size
-    dataset = PngPairs(archive, trainer.model.config.input_px, pairs_per_step * (warmup + steps))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=pairs_per_step, num_workers=workers)
+    """Images/s of the same model and objective fed by PIL + DataLoader, as many images per step."""
+    pairs = trainer.classifier is None
+    items_per_step = 2 * trainer.config.batch_size if pairs else trainer.config.batch_size
+    dataset = PngItems(archive, trainer.model.config.input_px, items_per_step * (warmup + steps), pairs)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=items_per_step, num_workers=workers)
     batches = iter(loader)
 
+    def loss(batch: list[torch.Tensor]) -> torch.Tensor:
+        if pairs:
+            first, second, same = batch
+            return F.binary_cross_entropy_with_logits(trainer.model(first, second).float(), same)
+        images, labels = batch[0], batch[1] % trainer.classifier.weight.shape[0]
+        return F.cross_entropy(trainer.classifier(trainer.model.embed(images)).float(), labels)
+
     def step() -> None:
-        first, second, same = (t.to(trainer.device, non_blocking=True) for t in next(batches))
-        trainer.optimize(lambda: F.binary_cross_entropy_with_logits(trainer.model(first, second).float(), same))
+        batch = [t.to(trainer.device, non_blocking=True) for t in next(batches)]
+        trainer.optimize(lambda: loss(batch))
 
     timed(step, warmup, trainer.device)
-    return 2 * pairs_per_step * steps / timed(step, steps, trainer.device)
+    return trainer.images_per_step * steps / timed(step, steps, trainer.device)
 
 
 def results_row(report: dict, command: str) -> str:
@@ -143,6 +156,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per block")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks (the median is reported)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
+    parser.add_argument("--archive", default=None,
+                        help="zip of PNGs for the PIL pipeline (default: images_background.zip of the data root)")
     parser.add_argument("--no-dataloader", action="store_true", help="skip the PIL + DataLoader comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--results", default="", help="docs/results.md to add a row to (default: none)")
@@ -169,8 +184,8 @@ def main() -> None:
         "model_only_images_per_s": model_only,
         "pipeline_efficiency": pipeline / model_only,
     }
-    archive = find_split(data_root(args.data), BACKGROUND)
-    if not args.no_dataloader and archive is not None and archive.suffix == ".zip" and config.objective == "pair":
+    archive = Path(args.archive) if args.archive else find_split(data_root(args.data), BACKGROUND)
+    if not args.no_dataloader and archive is not None and archive.suffix == ".zip":
         loader = dataloader_rate(trainer, archive, args.workers, args.warmup, args.steps)
         report |= {"dataloader_images_per_s": loader, "dataloader_pairs_per_s": loader / 2, "workers": args.workers}
     if args.results:

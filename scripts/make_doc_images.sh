@@ -20,7 +20,9 @@ cd "$work"
 echo "working in $work" >&2
 
 # the quickstart, as written in docs/index.md (with --device cpu for the same pictures on every machine)
+started=$SECONDS
 $siamese train --epochs 4 --out logs/quick --device cpu
+echo "step 1 (train) took $((SECONDS - started)) s on $(nproc) cores" | tee train_time.txt
 $siamese eval logs/quick/best.pt --device cpu --plot plots --json > eval.json
 python3 -m zipfile -e datasets/images_evaluation.zip .
 mkdir -p support

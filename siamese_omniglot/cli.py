@@ -29,6 +29,7 @@ from .data.omniglot import MIRROR_ENV, load_evaluation_set, load_training_set
 from .data.pairs import fixed_pairs
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
+from .staging import check_placement
 
 app = typer.Typer(
     name="siamese",
@@ -55,8 +56,8 @@ DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {devices.D
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")]
 CheckpointOption = Annotated[
     Path | None,
-    typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt) \\[default: the bundled model, when one "
-                 "is installed]", show_default=False),
+    typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt) \\[default: the bundled fast model]",
+                 show_default=False),
 ]
 
 
@@ -164,6 +165,14 @@ def train(
     log_every: Annotated[
         int | None, typer.Option("--log-every", min=1, help="Steps between progress reports \\[default: 50]")
     ] = None,
+    staging: Annotated[
+        str, typer.Option("--staging", help="Where the training images live: auto (the device when they fit in "
+                          "half its free memory, else host memory), device or host")
+    ] = "auto",
+    compile_step: Annotated[
+        bool, typer.Option("--compile", help="Compile the training step with torch.compile (cuda and cpu; slow "
+                           "to start, faster per step on GPUs)")
+    ] = False,
     skip_bad_images: Annotated[
         bool, typer.Option("--skip-bad-images", help="Leave out unreadable images (listed in a warning) instead "
                            "of refusing the data set")
@@ -187,6 +196,7 @@ def train(
         if model_name is not None and model_name.lower() != "siamese":
             raise ConfigError(f"--model_name {model_name!r}: only Siamese is provided")
         amp = amp if use_amp is None else _truth(use_amp, "--use_amp")
+        check_placement(staging)
         processes = nproc_per_node if _truth(distributed, "--distributed") is not False else 1
         if resume is None:
             settings = dict(batch_size=batch_size, lr=lr, seed=seed, amp=amp, pretrained=pretrained)
@@ -210,7 +220,8 @@ def train(
             err.print(f"starting {processes} processes through torch.distributed.run", highlight=False)
             args = _worker_args(config, resume, data=data, mirror=mirror, out=run_dir, device=device,
                                 epochs=epochs, max_steps=max_steps, stop_after=stop_after,
-                                skip_bad_images=skip_bad_images or None)
+                                skip_bad_images=skip_bad_images or None, staging=staging,
+                                compile=compile_step or None)
             code = launch(processes, ["train", *args])
             if code != 0:
                 raise TrainingError(f"the training processes failed (exit code {code}); see their messages above")
@@ -234,7 +245,8 @@ def train(
             records = run_dir / "dllogger.json"
         try:
             with _training_display(records) as (on_progress, on_epoch):
-                trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, dist=context)
+                trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, dist=context,
+                                  staging=staging, compile=compile_step)
                 result = trainer.fit(resume=resume, stop_after=stop_after)
         finally:
             shutdown(context)
@@ -314,8 +326,8 @@ def _training_display(records: Path | None):
 def evaluate(
     checkpoint: Annotated[
         Path | None,
-        typer.Argument(help="Checkpoint to evaluate (best.pt or last.pt of a run) \\[default: the bundled model, "
-                       "when one is installed]", show_default=False),
+        typer.Argument(help="Checkpoint to evaluate (best.pt or last.pt of a run) \\[default: the bundled "
+                       "fast model]", show_default=False),
     ] = None,
     data: DataOption = None,
     mirror: MirrorOption = None,
@@ -488,7 +500,7 @@ def export(
     ],
     checkpoint: Annotated[
         Path | None,
-        typer.Argument(help="Checkpoint to export \\[default: the bundled model, when one is installed]",
+        typer.Argument(help="Checkpoint to export \\[default: the bundled fast model]",
                        show_default=False),
     ] = None,
     export_format: Annotated[str, typer.Option("--format", help="Export format; only onnx for now")] = "onnx",

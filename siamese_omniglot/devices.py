@@ -134,6 +134,26 @@ def distributed_backend(device: torch.device) -> str:
     return {"sdaa": "tccl", "cuda": "nccl"}.get(device.type, "gloo")
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (None on cpu, or where the backend cannot tell: then memory is not a limit)."""
+    backend = _backend(device.type)
+    mem_get_info = getattr(backend, "mem_get_info", None)
+    if mem_get_info is None:
+        return None
+    free, _total = mem_get_info(device.index)
+    return int(free)
+
+
+def prefers_channels_last(device: torch.device) -> bool:
+    """Whether convolutions run faster on channels-last tensors: on cuda (tensor cores) yes, elsewhere no."""
+    return device.type == "cuda"
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether ``torch.compile`` may be used: not on sdaa, whose compiler supports only a subset of it."""
+    return device.type != "sdaa"
+
+
 def inference_dtype(device: torch.device) -> torch.dtype:
     """The dtype of inference: float32 on every device (on sdaa a rule, not a default)."""
     return torch.float32

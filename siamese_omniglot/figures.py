@@ -113,7 +113,9 @@ def trials_figure(
             _show(ax, images.pixels[index].numpy())
             ax.set_title(caption, fontsize=8, color=colour, pad=3)
             name = images.class_names[int(images.labels[index])]
-            ax.set_xlabel(name.replace("/", "/\n", 1), fontsize=7.5, labelpad=2)
+            alphabet, _, character = name.rpartition("/")
+            shown_name = f"{_clip(alphabet, 20)}/\n{_clip(character, 20)}" if alphabet else _clip(character, 20)
+            ax.set_xlabel(shown_name, fontsize=7.5, labelpad=2)
     return _save(figure, path)
 
 
@@ -142,6 +144,11 @@ def _show(ax, pixels: np.ndarray) -> None:
     ax.imshow(np.asarray(pixels), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters at its end (alphabet names under a 120-pixel image)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _short(text: str, width: int = 40) -> str:

@@ -1,8 +1,9 @@
 """The training loop: device-resident data, batched augmentation, AMP, validation, checkpoints and logs.
 
-The training images live on the training device as one uint8 tensor at the model's input size;
-each step gathers a batch by index, distorts it on the device and runs the model. The loss is
-accumulated on the device and read once per log interval, the only host synchronisation.
+The training images live on the training device as one uint8 tensor at the model's input size
+(in host memory when they do not fit: :mod:`siamese_omniglot.staging`); each step gathers a batch by
+index, distorts it on the device and runs the model. The loss is accumulated on the device and read
+once per log interval, the only host synchronisation.
 
 Two objectives:
 
@@ -34,13 +35,14 @@ from . import devices
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import REFERENCE_BATCH, TrainConfig
 from .data.augment import random_affine
-from .data.images import ImageSet, to_ink
+from .data.images import ImageSet
 from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_images, split_validation
 from .distributed import DistributedContext
 from .errors import CheckpointError, ConfigError, OutputError, TrainingError
 from .evaluate import PairMetrics, best_threshold, embed_pixels, pair_logits, pair_metrics
-from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model, resize_to
+from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model
 from .plots import panel_chart
+from .staging import StagedImages
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +122,6 @@ def warm_cosine(step: int, total: int, warmup_fraction: float, min_fraction: flo
     return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def stage_images(pixels: torch.Tensor, input_px: int, device: torch.device, chunk: int = 4096) -> torch.Tensor:
-    """uint8 pixels [N, H, W] → uint8 ink [N, 1, input_px, input_px] on ``device`` (decoded and resized once)."""
-    parts = []
-    for block in pixels.split(chunk):
-        ink = resize_to(to_ink(block.to(device)), input_px)
-        parts.append(ink.mul_(255).round_().to(torch.uint8))
-    return torch.cat(parts)
-
-
 def calibrate_head(model: SiameseNetwork, embeddings: torch.Tensor, pairs: Pairs) -> None:
     """Set the similarity head to a calibrated L1 distance (embedding objective).
 
@@ -200,6 +193,9 @@ class Trainer:
         on_progress: called every ``config.log_every`` steps (rank 0 only).
         on_epoch: called after every validation (rank 0 only).
         dist: this process's place in a multi-process job (default: alone).
+        staging: where the training images live: ``auto`` (the device when they fit), ``device`` or ``host``
+            (see :mod:`siamese_omniglot.staging`).
+        compile: run the training step through ``torch.compile`` (not on sdaa).
     """
 
     def __init__(
@@ -211,7 +207,11 @@ class Trainer:
         on_progress: Callable[[Progress], None] | None = None,
         on_epoch: Callable[[EpochMetrics], None] | None = None,
         dist: DistributedContext | None = None,
+        staging: str = "auto",
+        compile: bool = False,
     ) -> None:
+        if compile and not devices.can_compile(device):
+            raise ConfigError(f"--compile is not supported on {device.type}: its compiler covers only part of torch")
         self.config = config
         self.device = device
         self.dist = dist or DistributedContext()
@@ -228,6 +228,8 @@ class Trainer:
         )
         torch.manual_seed(config.seed)
         self.model = build_model(config.backbone, pretrained=config.pretrained, **config.model_overrides()).to(device)
+        self.memory_format = torch.channels_last if devices.prefers_channels_last(device) else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         if config.objective == "classify":
             self.classifier = CosineClassifier(self.model.embedding_dim, train.num_classes).to(device)
             objective: nn.Module = _ClassifyObjective(self.model, self.classifier)
@@ -237,8 +239,8 @@ class Trainer:
         if self.dist.enabled:
             ids = [device.index] if device.type != "cpu" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        self.objective = objective
-        self.staged = stage_images(train.pixels, self.model.config.input_px, device)
+        self.objective = torch.compile(objective) if compile else objective
+        self.staged = StagedImages(train.pixels, self.model.config.input_px, device, staging)
         self.labels = train.labels.to(device)
         self.sampler = PairSampler(train, config.within_alphabet, device)
         self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)
@@ -382,8 +384,9 @@ class Trainer:
 
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Training images ``index`` as float ink on the device, distorted when augmenting."""
-        images = self.staged[index].float().div_(255)
-        return random_affine(images, generator) if self.config.augment else images
+        images = self.staged.gather(index).float().div_(255)
+        images = random_affine(images, generator) if self.config.augment else images
+        return images.contiguous(memory_format=self.memory_format)
 
     def _report(self, loss: float, images_per_s: float) -> None:
         if self.on_progress is None:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,40 @@ def test_throughput_benchmark_reports_sane_rates(mini_background):
         report["pipeline_images_per_s"] / report["model_only_images_per_s"]
     )
     assert 0 < report["pipeline_efficiency"] < 2
+
+
+@pytest.fixture(scope="module")
+def zipped_background(mini_background: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The mini tree as a zip in Omniglot's archive layout (``images_background/<alphabet>/<character>/``)."""
+    zipped = tmp_path_factory.mktemp("zipped") / "images_background.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        for path in sorted(mini_background.rglob("*.png")):
+            archive.write(path, "images_background/" + path.relative_to(mini_background).as_posix())
+    return zipped
+
+
+def test_png_items_decode_real_drawings_as_ink(zipped_background: Path) -> None:
+    throughput = _load("throughput")
+    archive = zipped_background
+    pairs = throughput.PngItems(archive, 28, items=4, pairs=True)
+    first, second, same = pairs[1]  # odd items are same-class pairs
+    assert first.shape == second.shape == (1, 28, 28) and same.item() == 1.0
+    assert first.min() >= 0 and first.max() <= 1 and first.mean() < 0.5  # ink on an empty page
+    image, label = throughput.PngItems(archive, 28, items=4, pairs=False)[0]
+    assert image.shape == (1, 28, 28) and 0 <= label.item() < 48
+
+
+@pytest.mark.parametrize("preset", ["fast", "koch"])
+def test_throughput_benchmark_times_the_dataloader_pipeline_too(
+    mini_background: Path, zipped_background: Path, preset: str
+) -> None:
+    command = [sys.executable, str(BENCHMARKS / "throughput.py"), "--data", str(mini_background), "--device", "cpu",
+               "--archive", str(zipped_background),
+               "--preset", preset, "--batch-size", "4", "--warmup", "1", "--steps", "2", "--repeats", "1",
+               "--workers", "0", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["images_per_step"] == (4 if preset == "fast" else 16)
+    assert report["dataloader_images_per_s"] > 0 and report["workers"] == 0
+    assert report["dataloader_pairs_per_s"] == pytest.approx(report["dataloader_images_per_s"] / 2)

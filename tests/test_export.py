@@ -109,20 +109,25 @@ def test_cli_export_prints_the_difference(tiny_checkpoint: Path, run_siamese, tm
     assert (tmp_path / "onnx" / SCORER_FILE).is_file()
 
 
+def test_cli_export_without_a_checkpoint_exports_the_bundled_model(run_siamese, tmp_path: Path) -> None:
+    result = run_siamese("export", "--out", tmp_path / "onnx", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["checkpoint"] == str(BUNDLED_CHECKPOINT)
+    assert (tmp_path / "onnx" / EMBEDDING_FILE).is_file() and (tmp_path / "onnx" / SCORER_FILE).is_file()
+
+
 @pytest.mark.parametrize(
     ("args", "blocked", "message"),
     [
-        (["--out", "onnx"], (), "no checkpoint given, and this installation bundles no model"),
         (["CHECKPOINT", "--out", "onnx", "--format", "tflite"], (), "unknown export format 'tflite'"),
         (["CHECKPOINT", "--out", "onnx"], ("onnxruntime",), "pip install 'siamese-omniglot[onnx]'"),
     ],
-    ids=["no-checkpoint", "unknown-format", "no-onnxruntime"],
+    ids=["unknown-format", "no-onnxruntime"],
 )
 def test_cli_export_errors_are_one_line(
     args: list[str], blocked: tuple[str, ...], message: str, tiny_checkpoint: Path, run_siamese, tmp_path: Path
 ) -> None:
-    if "CHECKPOINT" not in args and BUNDLED_CHECKPOINT.exists():
-        pytest.skip("this installation bundles a model")
     args = [tiny_checkpoint if a == "CHECKPOINT" else a for a in args]
     result = run_siamese("export", *args, cwd=tmp_path, blocked=blocked)
     assert result.returncode == 2

@@ -10,7 +10,7 @@ from torch import nn
 from siamese_omniglot.errors import CheckpointError, ConfigError
 from siamese_omniglot.models import BACKBONES, ModelConfig, SiameseNetwork, build_model
 
-EMBEDDING_DIMS = {"fast": 64, "koch": 4096, "vgg16": 4608}
+EMBEDDING_DIMS = {"fast": 256, "koch": 4096, "vgg16": 4608}
 
 
 def ink(count: int, size_px: int, seed: int = 0) -> torch.Tensor:
@@ -76,13 +76,13 @@ def test_forward_is_batch_first_and_pairwise() -> None:
 def test_any_input_size_gives_the_same_shapes(size_px: int) -> None:
     model = build_model("fast").eval()
     with torch.no_grad():
-        assert model.embed(ink(2, size_px)).shape == (2, 64)
+        assert model.embed(ink(2, size_px)).shape == (2, EMBEDDING_DIMS["fast"])
         assert model(ink(2, size_px), ink(2, size_px, seed=1)).shape == (2,)
 
 
 def test_larger_input_is_area_resized_to_the_model_size() -> None:
     model = build_model("fast").eval()
-    large = ink(2, 56)
+    large = ink(2, 2 * model.config.input_px)
     with torch.no_grad():
         torch.testing.assert_close(model.embed(large), model.embed(F.avg_pool2d(large, 2)), rtol=1e-5, atol=1e-5)
 

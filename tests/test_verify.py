@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from itertools import pairwise
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from siamese_omniglot.data import decode_image, load_folder, read_image
 from siamese_omniglot.errors import CheckpointError, DataError, DeviceError
 from siamese_omniglot.models import build_model
 from siamese_omniglot.train import Trainer
-from siamese_omniglot.verify import Comparison, Verifier, default_checkpoint
+from siamese_omniglot.verify import BUNDLED_CHECKPOINT, Comparison, Verifier, default_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,27 @@ def test_default_checkpoint_is_the_bundled_model(tmp_path: Path, monkeypatch: py
     bundled.parent.mkdir()
     bundled.write_bytes(b"weights")
     assert default_checkpoint() == bundled
+
+
+def test_the_bundled_model_is_the_trained_fast_preset() -> None:
+    state = load_checkpoint(BUNDLED_CHECKPOINT)
+    assert BUNDLED_CHECKPOINT.stat().st_size < 2_000_000
+    assert state["model_config"] == build_model("fast").config.to_dict()
+    assert state["train_config"]["preset"] == "fast" and "training" not in state  # weights, not a run to resume
+    assert 0.9 < state["metrics"]["roc_auc"] <= 1 and 0 < state["threshold"] < 1
+
+
+def test_compare_and_eval_work_with_the_bundled_model_alone(
+    run_siamese, characters: list[list[Path]], mini_evaluation: Path, tmp_path: Path
+) -> None:
+    """Right after install: no checkpoint, no training, no network (``--data`` is a local tree)."""
+    same = run_siamese("compare", characters[0][0], characters[0][1], "--json", cwd=tmp_path)
+    different = run_siamese("compare", characters[0][0], characters[2][0], "--json", cwd=tmp_path)
+    assert same.returncode == different.returncode == 0, same.stderr + different.stderr
+    same, different = json.loads(same.stdout), json.loads(different.stdout)
+    assert same["threshold"] == load_checkpoint(BUNDLED_CHECKPOINT)["threshold"]
+    assert same["same"] and not different["same"] and same["score"] > different["score"]
+    evaluation = run_siamese("eval", "--data", mini_evaluation, "--trials", 200, "--way", 5, "--json", cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert json.loads(evaluation.stdout)["one_shot"]["accuracy"] > 0.6  # chance: 0.2
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded, nothing written

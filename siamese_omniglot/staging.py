@@ -1,0 +1,86 @@
+"""Where the training images live while training: on the training device, or in host memory when they do not fit.
+
+The images are turned into ink and resized to the model's input size once, and kept as uint8. On the
+device, a batch is one indexing operation and costs no host synchronisation. A data set too large for
+the device (more than half of its free memory) stays in pinned host memory instead: each step then
+copies its batch to the device, which costs one host synchronisation per step, the price of not fitting.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import devices
+from .data.images import to_ink
+from .errors import ConfigError
+from .models import resize_to
+
+log = logging.getLogger(__name__)
+PLACEMENTS = ("auto", "device", "host")
+DEVICE_SHARE = 0.5  # the largest share of the device's free memory that the images may take
+
+
+def staged_bytes(count: int, input_px: int) -> int:
+    """Bytes that ``count`` staged images take at ``input_px`` (uint8, one channel)."""
+    return count * input_px * input_px
+
+
+def check_placement(placement: str) -> str:
+    """``placement`` itself when it is one of :data:`PLACEMENTS`, else a ConfigError."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"unknown --staging {placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    return placement
+
+
+def choose_placement(count: int, input_px: int, device: torch.device, placement: str = "auto") -> str:
+    """``device`` or ``host``: where ``count`` images at ``input_px`` are kept (``auto`` asks the device)."""
+    if check_placement(placement) != "auto":
+        return placement
+    free = devices.free_memory(device)
+    needed = staged_bytes(count, input_px)
+    if free is None or needed <= DEVICE_SHARE * free:
+        return "device"
+    log.warning(
+        "the training images need %.2f GB at %d px but %s has %.2f GB free: keeping them in host memory and "
+        "copying each batch (slower; --staging device keeps them on the device anyway)",
+        needed / 1e9, input_px, device, free / 1e9,
+    )
+    return "host"
+
+
+class StagedImages:
+    """Training images as uint8 ink [N, 1, input_px, input_px], decoded and resized once.
+
+    Args:
+        pixels: uint8 pixels [N, H, W] as decoded (white background).
+        input_px: the model's input size.
+        device: the training device; batches are returned there.
+        placement: ``auto`` (the device when the images fit, else host memory), ``device`` or ``host``.
+    """
+
+    def __init__(self, pixels: torch.Tensor, input_px: int, device: torch.device, placement: str = "auto") -> None:
+        self.device = device
+        self.placement = choose_placement(len(pixels), input_px, device, placement)
+        home = device if self.placement == "device" else torch.device("cpu")
+        self.ink = _resize_ink(pixels, input_px, home)
+        if self.placement == "host" and device.type != "cpu":
+            self.ink = self.ink.pin_memory()
+
+    def __len__(self) -> int:
+        return len(self.ink)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The images ``index`` (on any device) as uint8 on the training device."""
+        if self.placement == "device":
+            return self.ink[index.to(self.ink.device)]
+        return self.ink[index.cpu()].to(self.device, non_blocking=True)
+
+
+def _resize_ink(pixels: torch.Tensor, input_px: int, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    parts = []
+    for block in pixels.split(chunk):
+        ink = resize_to(to_ink(block.to(device)), input_px)
+        parts.append(ink.mul_(255).round_().to(torch.uint8))
+    return torch.cat(parts)

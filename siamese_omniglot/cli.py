@@ -252,8 +252,9 @@ def train(
             shutdown(context)
     if not context.is_main:
         return
-    best = max(result.history, key=lambda m: m.val_roc_auc)
-    out.print(f"best checkpoint: {result.best_checkpoint} (val ROC AUC {best.val_roc_auc:.4f}, "
+    best = max(result.history, key=lambda m: m.score)
+    one_shot = "" if best.val_one_shot is None else f"val 1-shot {best.val_one_shot:.4f}, "
+    out.print(f"best checkpoint: {result.best_checkpoint} ({one_shot}val ROC AUC {best.val_roc_auc:.4f}, "
               f"val accuracy {best.val_accuracy:.4f} at threshold {best.threshold:.3f})", markup=False, highlight=False)
     out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
     if trainer.step < trainer.total_steps:
@@ -301,7 +302,9 @@ def _training_display(records: Path | None):
 
     def epoch_line(m: EpochMetrics) -> str:
         return (f"epoch {m.epoch} step {m.step}: train loss {m.train_loss:.4f}, val loss {m.val_loss:.4f}, "
-                f"val accuracy {m.val_accuracy:.4f}, val ROC AUC {m.val_roc_auc:.4f}, {m.pairs_per_s:,.0f} pairs/s")
+                f"val accuracy {m.val_accuracy:.4f}, val ROC AUC {m.val_roc_auc:.4f}"
+                + ("" if m.val_one_shot is None else f", val 1-shot {m.val_one_shot:.4f}")
+                + f", {m.pairs_per_s:,.0f} pairs/s")
 
     if not err.is_terminal:
         def plain(p: TrainProgress) -> None:

@@ -39,6 +39,7 @@ class TrainConfig:
     val_fraction: float = 0.15  # fraction of alphabets (or of each class's images) held out for validation
     val_split: str = "alphabets"  # "alphabets": unseen characters; "images": the reference's 90/10 image split
     val_pairs: int = 1000  # same and different validation pairs each (twice for calibration)
+    val_trials: int = 2000  # 1-shot validation trials among held-out classes (what best.pt maximises)
     pretrained: bool = False  # vgg16 only: start from ImageNet weights
     input_px: int | None = None  # model input size (None: the backbone's default)
     batch_norm: bool | None = None  # fast backbone only (None: on)
@@ -55,6 +56,7 @@ class TrainConfig:
             "lr": self.lr > 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "val_pairs": self.val_pairs >= 10,
+            "val_trials": self.val_trials >= 1,
             "log_every": self.log_every >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]

@@ -25,7 +25,7 @@ from .models import SiameseNetwork
 
 @torch.no_grad()
 def embed_pixels(
-    model: SiameseNetwork, pixels: torch.Tensor, device: torch.device, batch_size: int = 1024
+    model: SiameseNetwork, pixels: torch.Tensor, device: torch.device, batch_size: int = 128
 ) -> torch.Tensor:
     """Embeddings [N, D] (float32, on ``device``) of uint8 images [N, H, W], in eval mode."""
     was_training = model.training

@@ -12,7 +12,9 @@ Two objectives:
   similarity head is fitted by logistic regression on calibration pairs of held-out alphabets.
 
 After every epoch the decision threshold is calibrated on those pairs and the model is measured on
-a second, fixed list of validation pairs; ``best.pt`` keeps the epoch with the highest ROC AUC.
+a second, fixed list of validation pairs and on fixed 1-shot trials among the held-out classes (20-way
+within an alphabet, or as many ways as the held-out groups allow). ``best.pt`` keeps the epoch with the
+highest one-shot accuracy, ROC AUC breaking ties (ROC AUC alone where the held-out classes form no trials).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from . import devices
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import REFERENCE_BATCH, TrainConfig
 from .data.augment import random_affine
+from .data.episodes import Episodes, sample_episodes
 from .data.images import ImageSet
 from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_images, split_validation
 from .distributed import DistributedContext
-from .errors import CheckpointError, ConfigError, OutputError, TrainingError
-from .evaluate import PairMetrics, best_threshold, embed_pixels, pair_logits, pair_metrics
+from .errors import CheckpointError, ConfigError, DataError, OutputError, TrainingError
+from .evaluate import PairMetrics, best_threshold, embed_pixels, one_shot_accuracy, pair_logits, pair_metrics
 from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model
 from .plots import panel_chart
 from .staging import StagedImages
@@ -71,11 +74,51 @@ class EpochMetrics:
     val_accuracy: float
     val_roc_auc: float
     val_eer: float
+    val_one_shot: float | None  # accuracy of the validation 1-shot trials (None: the held-out classes form none)
     threshold: float
     lr: float
     pairs_per_s: float
     images_per_s: float
     seconds: float
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """What ``best.pt`` maximises (see :func:`selection_score`)."""
+        return selection_score(self.val_one_shot, self.val_roc_auc)
+
+
+def selection_score(one_shot: float | None, roc_auc: float) -> tuple[float, float]:
+    """The order of epochs for ``best.pt``: validation one-shot accuracy (the task), then ROC AUC."""
+    return (-math.inf if one_shot is None else one_shot, roc_auc)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One validation: pair metrics on held-out classes and, where they form trials, 1-shot accuracy."""
+
+    pairs: PairMetrics
+    one_shot: float | None
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """What ``best.pt`` maximises (see :func:`selection_score`)."""
+        return selection_score(self.one_shot, self.pairs.roc_auc)
+
+    def to_dict(self) -> dict:
+        """The ``metrics`` of a checkpoint: the pair metrics and ``one_shot``."""
+        return self.pairs.to_dict() | {"one_shot": self.one_shot}
+
+
+def validation_episodes(images: ImageSet, trials: int, seed: int, most_ways: int = 20) -> Episodes | None:
+    """Fixed within-group 1-shot trials among ``images``: ``most_ways``-way, or as many ways as the largest group
+    allows; None where no group has two classes with two images each."""
+    way = min(most_ways, int(images.group_ranges()[1].max()))
+    if way < 2:
+        return None
+    try:
+        return sample_episodes(images, way, 1, trials, seed)
+    except DataError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -228,7 +271,7 @@ class Trainer:
         )
         torch.manual_seed(config.seed)
         self.model = build_model(config.backbone, pretrained=config.pretrained, **config.model_overrides()).to(device)
-        self.memory_format = torch.channels_last if devices.prefers_channels_last(device) else torch.contiguous_format
+        self.memory_format = devices.memory_format(device)
         self.model.to(memory_format=self.memory_format)
         if config.objective == "classify":
             self.classifier = CosineClassifier(self.model.embedding_dim, train.num_classes).to(device)
@@ -245,6 +288,7 @@ class Trainer:
         self.sampler = PairSampler(train, config.within_alphabet, device)
         self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)
         self.val_pairs = fixed_pairs(val, config.val_pairs, config.seed + 2, config.within_alphabet)
+        self.val_episodes = validation_episodes(val, config.val_trials, config.seed + 3)
         self.global_batch = config.batch_size * self.dist.world_size
         self.steps_per_epoch = max(1, len(train) // self.global_batch)
         planned = config.epochs * self.steps_per_epoch
@@ -267,7 +311,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.generator_state: torch.Tensor | None = None
-        self.best_auc = -math.inf
+        self.best_score = (-math.inf, -math.inf)
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -397,14 +441,17 @@ class Trainer:
 
     # --- validation, checkpoints, logs ---------------------------------------------------------------
 
-    def validate(self) -> PairMetrics:
-        """Calibrate (head for ``classify``, threshold always) on calibration pairs; measure on val pairs."""
+    def validate(self) -> Validation:
+        """Calibrate (head for ``classify``, threshold always) on calibration pairs; measure on val pairs and trials."""
         embeddings = embed_pixels(self.model, self.val_set.pixels, self.device)
         if self.classifier is not None:
             calibrate_head(self.model, embeddings, self.calibration_pairs)
         calibration = torch.sigmoid(pair_logits(self.model, embeddings, self.calibration_pairs))
         threshold = best_threshold(calibration, self.calibration_pairs.same)
-        return pair_metrics(pair_logits(self.model, embeddings, self.val_pairs), self.val_pairs.same, threshold)
+        pairs = pair_metrics(pair_logits(self.model, embeddings, self.val_pairs), self.val_pairs.same, threshold)
+        episodes = self.val_episodes
+        one_shot = None if episodes is None else one_shot_accuracy(self.model, embeddings, episodes).accuracy
+        return Validation(pairs, one_shot)
 
     def save_snapshot(self, path: str | Path) -> Path:
         """Validate now and save a checkpoint of the current state to ``path`` (outside the best/last pair)."""
@@ -420,20 +467,21 @@ class Trainer:
             epoch=self.epoch if self.step_in_epoch == 0 else self.epoch + 1,
             step=self.step,
             train_loss=train_loss,
-            val_loss=val.loss,
-            val_accuracy=val.accuracy,
-            val_roc_auc=val.roc_auc,
-            val_eer=val.eer,
-            threshold=val.threshold,
+            val_loss=val.pairs.loss,
+            val_accuracy=val.pairs.accuracy,
+            val_roc_auc=val.pairs.roc_auc,
+            val_eer=val.pairs.eer,
+            val_one_shot=val.one_shot,
+            threshold=val.pairs.threshold,
             lr=self.optimizer.param_groups[0]["lr"],
             pairs_per_s=images_per_s / 2,
             images_per_s=images_per_s,
             seconds=seconds,
         )
         self.history.append(metrics)
-        improved = val.roc_auc > self.best_auc
+        improved = val.score > self.best_score
         if improved:
-            self.best_auc = val.roc_auc
+            self.best_score = val.score
         if self.dist.is_main:
             state = self._state(val, generators)
             # last.pt first: a crash between the two saves is repaired on resume (see _repair_best)
@@ -452,11 +500,11 @@ class Trainer:
         if self.on_epoch is not None:
             self.on_epoch(metrics)
 
-    def _state(self, val: PairMetrics, generators: list) -> dict:
+    def _state(self, val: Validation, generators: list) -> dict:
         return {
             "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(),
-            "threshold": val.threshold,
+            "threshold": val.pairs.threshold,
             "train_config": self.config.to_dict(),
             "metrics": val.to_dict(),
             "classes": {"train": list(self.train_set.class_names), "val": list(self.val_set.class_names)},
@@ -465,7 +513,7 @@ class Trainer:
                 "step": self.step,
                 "items_in_epoch": self.step_in_epoch * self.global_batch,
                 "world_size": self.dist.world_size,
-                "best_auc": self.best_auc,
+                "best_score": list(self.best_score),
                 "generators": generators,  # one per rank; None at an epoch boundary
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -498,7 +546,7 @@ class Trainer:
         if self.scaler is not None and training["scaler"] is not None:
             self.scaler.load_state_dict(training["scaler"])
         torch.set_rng_state(training["torch_rng"].cpu())
-        self.epoch, self.best_auc = training["epoch"], training["best_auc"]
+        self.epoch, self.best_score = training["epoch"], tuple(training["best_score"])
         # the position in the epoch is kept in items, so a job may resume with another number of processes
         self.step_in_epoch = training["items_in_epoch"] // self.global_batch
         self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
@@ -526,7 +574,8 @@ class Trainer:
     def _repair_best(self, state: dict) -> None:
         """Rewrite ``best.pt`` from the resumed state when that state is the best epoch but ``best.pt``
         is missing or older: a crash between saving ``last.pt`` and ``best.pt`` loses nothing."""
-        if state.get("metrics", {}).get("roc_auc") != state["training"]["best_auc"]:
+        metrics = state.get("metrics", {})
+        if selection_score(metrics.get("one_shot"), metrics.get("roc_auc")) != tuple(state["training"]["best_score"]):
             return
         best = self.out_dir / "best.pt"
         try:
@@ -567,6 +616,9 @@ class Trainer:
                 "val ROC AUC": [m.val_roc_auc for m in self.history],
             },
         }
+        if self.val_episodes is not None:
+            way = self.val_episodes.support.shape[1]
+            panels["validation"][f"val {way}-way 1-shot"] = [m.val_one_shot for m in self.history]
         title = f"{self.config.preset}: loss and validation accuracy per epoch"
         _replace(
             self.out_dir / "epoch_loss.png",

@@ -59,7 +59,8 @@ class Verifier:
     """
 
     def __init__(self, model: SiameseNetwork, threshold: float, device: torch.device) -> None:
-        self.model = model.to(device=device, dtype=devices.inference_dtype(device)).eval()
+        layout = devices.memory_format(device)
+        self.model = model.to(device=device, dtype=devices.inference_dtype(device), memory_format=layout).eval()
         self.threshold = threshold
         self.device = device
 

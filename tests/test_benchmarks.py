@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,28 @@ def test_throughput_benchmark_times_the_dataloader_pipeline_too(
     assert report["images_per_step"] == (4 if preset == "fast" else 16)
     assert report["dataloader_images_per_s"] > 0 and report["workers"] == 0
     assert report["dataloader_pairs_per_s"] == pytest.approx(report["dataloader_images_per_s"] / 2)
+
+
+def test_eval_speed_times_the_installed_command_and_writes_its_row(mini_evaluation: Path, tmp_path: Path) -> None:
+    page = tmp_path / "results.md"
+    page.write_text("# R\n\n## Evaluation speed\n\n| a |\n| --- |\n")
+    command = [sys.executable, str(BENCHMARKS / "eval_speed.py"), "--data", str(mini_evaluation), "--trials", "30",
+               "--way", "5", "--pairs", "10", "--repeats", "1", "--json", "--results", str(page)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["seconds"] == report["all_seconds"][0] > 0
+    assert (report["one_shot"]["trials"], report["one_shot"]["way"], report["pairs"]) == (30, 5, 20)
+    assert 0.2 < report["one_shot"]["accuracy"] <= 1  # the bundled model beats chance on unseen alphabets
+    row = page.read_text().splitlines()[-1]
+    assert row.startswith(f"| {date.today().isoformat()} | bundled `fast` | cpu, ")
+    assert f"| 30 × 5-way + 20 pairs | **{report['seconds']:.1f} s** |" in row
+
+
+def test_eval_speed_reports_a_failing_command_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a data root")
+    data = tmp_path / "notes.txt"
+    command = [sys.executable, str(BENCHMARKS / "eval_speed.py"), "--data", str(data), "--repeats", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "eval --device cpu" in done.stderr and "failed (2)" in done.stderr and "Traceback" not in done.stderr

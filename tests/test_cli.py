@@ -87,7 +87,7 @@ def test_train_writes_a_run(trained: tuple[subprocess.CompletedProcess, Path]) -
     assert "epoch 1 step 20: train loss" in result.stderr
     # whole lines, so that scripts can read them: the paths verbatim and no wrapping at the pipe's width
     best_line, last_line = result.stdout.splitlines()
-    assert best_line.startswith(f"best checkpoint: {out / 'best.pt'} (val ROC AUC ")
+    assert best_line.startswith(f"best checkpoint: {out / 'best.pt'} (val 1-shot 0.")
     assert last_line == f"last checkpoint: {out / 'last.pt'}"
 
 

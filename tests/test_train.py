@@ -20,7 +20,15 @@ from siamese_omniglot.data import ImageSet, load_folder
 from siamese_omniglot.errors import CheckpointError, OutputError, TrainingError
 from siamese_omniglot.evaluate import embed_pixels, roc_auc
 from siamese_omniglot.models import ModelConfig, SiameseNetwork
-from siamese_omniglot.train import EpochMetrics, Progress, Trainer, calibrate_head, warm_cosine
+from siamese_omniglot.train import (
+    EpochMetrics,
+    Progress,
+    Trainer,
+    calibrate_head,
+    selection_score,
+    validation_episodes,
+    warm_cosine,
+)
 
 CPU = torch.device("cpu")
 METRIC_KEYS = {
@@ -31,6 +39,7 @@ METRIC_KEYS = {
     "val_accuracy",
     "val_roc_auc",
     "val_eer",
+    "val_one_shot",
     "threshold",
     "lr",
     "pairs_per_s",
@@ -82,6 +91,7 @@ def test_run_writes_config_and_per_epoch_logs(classify_run: dict) -> None:
     assert [float(x) for x in (out / "epoch_val_loss.txt").read_text().split()] == [m["val_loss"] for m in lines]
     for line in lines:
         assert 0 <= line["val_accuracy"] <= 1 and 0 <= line["val_roc_auc"] <= 1 and 0 < line["threshold"] < 1
+        assert 0 <= line["val_one_shot"] <= 1
         assert line["images_per_s"] == pytest.approx(2 * line["pairs_per_s"])
 
 
@@ -98,12 +108,30 @@ def test_checkpoints_load_with_weights_only(classify_run: dict, name: str) -> No
     model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     history = classify_run["result"].history
-    best = max(history, key=lambda m: m.val_roc_auc)
+    best = max(history, key=lambda m: (m.val_one_shot, m.val_roc_auc))
     saved = best if name == "best.pt" else history[-1]
     assert state["training"]["step"] == saved.step
     assert state["threshold"] == saved.threshold
     assert state["metrics"]["roc_auc"] == saved.val_roc_auc
+    assert state["metrics"]["one_shot"] == saved.val_one_shot
     assert state["train_config"] == classify_run["config"].to_dict()
+
+
+def test_validation_trials_are_within_the_held_out_alphabet(classify_run: dict) -> None:
+    trainer = classify_run["trainer"]
+    episodes = trainer.val_episodes
+    assert episodes.support.shape == (2000, 6, 1)  # the held-out alphabet has 6 characters: 6-way
+    val = trainer.val_set
+    groups = val.class_groups[val.labels]  # the group of each image
+    assert (groups[episodes.support.flatten(1)] == groups[episodes.queries][:, None]).all()
+    assert set(val.class_names).isdisjoint(trainer.train_set.class_names)
+
+
+def test_held_out_classes_that_form_no_trials_select_by_roc_auc(images: ImageSet) -> None:
+    one_class_per_group = images.subset_classes(torch.arange(0, 48, 6))  # 8 alphabets, 1 character each
+    assert validation_episodes(one_class_per_group, 100, 0) is None
+    assert validation_episodes(images, 100, 0, most_ways=20).support.shape == (100, 6, 1)
+    assert selection_score(None, 0.9) < selection_score(0.1, 0.5) < selection_score(0.1, 0.6)
 
 
 def test_max_steps_is_honoured(classify_run: dict) -> None:

@@ -140,7 +140,7 @@ def test_the_bundled_model_is_the_trained_fast_preset() -> None:
     assert BUNDLED_CHECKPOINT.stat().st_size < 2_000_000
     assert state["model_config"] == build_model("fast").config.to_dict()
     assert state["train_config"]["preset"] == "fast" and "training" not in state  # weights, not a run to resume
-    assert 0.9 < state["metrics"]["roc_auc"] <= 1 and 0 < state["threshold"] < 1
+    assert state["metrics"]["one_shot"] > 0.7 and state["metrics"]["roc_auc"] > 0.85 and 0 < state["threshold"] < 1
 
 
 def test_compare_and_eval_work_with_the_bundled_model_alone(

@@ -137,7 +137,8 @@ def _figure_class():
 
 
 def _new_figure(size_px: tuple[int, int]):
-    return _figure_class()(figsize=(size_px[0] / DPI, size_px[1] / DPI), dpi=DPI)
+    # a quarter pixel more: some matplotlib versions truncate width × dpi (919.99… → 919), others round it
+    return _figure_class()(figsize=((size_px[0] + 0.25) / DPI, (size_px[1] + 0.25) / DPI), dpi=DPI)
 
 
 def _show(ax, pixels: np.ndarray) -> None:

@@ -98,6 +98,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     except Exception as error:  # Pillow's parsers raise many types on hostile bytes
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{name}: not a readable image ({reason})") from None
+    if 0 in gray.size:  # a zero-sized header: older Pillow opens it, newer refuses it
+        raise DataError(f"{name}: not a readable image (it is {gray.size[0]} × {gray.size[1]} pixels)")
     return fit_to_canvas(gray)
 
 
@@ -105,7 +107,13 @@ def fit_to_canvas(image: Image.Image | np.ndarray) -> np.ndarray:
     """A grayscale image (PIL or uint8 array, 255 = paper) padded to square on white and resized to the canvas."""
     gray = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     if gray.size != (CANVAS_PX, CANVAS_PX):
-        gray = ImageOps.pad(gray, (CANVAS_PX, CANVAS_PX), method=Image.BILINEAR, color=255)
+        # ImageOps.pad, except that a side never shrinks to 0 pixels (a 1 × 5000 line stays a line)
+        scale = CANVAS_PX / max(gray.size)
+        width, height = (max(1, min(CANVAS_PX, round(side * scale))) for side in gray.size)
+        canvas = Image.new("L", (CANVAS_PX, CANVAS_PX), 255)
+        corner = ((CANVAS_PX - width) // 2, (CANVAS_PX - height) // 2)
+        canvas.paste(gray.resize((width, height), Image.BILINEAR), corner)
+        gray = canvas
     return np.asarray(gray, dtype=np.uint8)
 
 

@@ -15,15 +15,14 @@ A checkpoint is a dict of tensors and plain values::
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import CheckpointError
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 PREPROCESSING = {
@@ -46,19 +45,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     # RuntimeError about stream positions, while a plain file write raises OSError with the reason
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with tmp:
-            tmp.write(buffer.getbuffer())
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o644)
-        os.replace(tmp.name, path)
-    except BaseException:
-        Path(tmp.name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        file.write(buffer.getbuffer())
     return path
 
 

@@ -13,13 +13,9 @@ Exporting needs the ``onnx`` extra (``pip install 'siamese-omniglot[onnx]'``): `
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +28,7 @@ from torch import nn
 from .checkpoint import PREPROCESSING
 from .data.images import CANVAS_PX, to_ink
 from .errors import DependencyError, ExportError, OutputError
+from .files import atomic_write
 from .models import SiameseNetwork
 from .verify import Verifier
 
@@ -180,7 +177,10 @@ def export_onnx(
         "siamese.embedding_dim": str(network.embedding_dim),
     }
     dim = network.embedding_dim
-    with _temporary(out_dir, EMBEDDING_FILE) as embedding_tmp, _temporary(out_dir, SCORER_FILE) as scorer_tmp:
+    embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
+    # both files appear together when the check passes, and neither when anything fails
+    with atomic_write(embedding_path) as embedding_file, atomic_write(scorer_path) as scorer_file:
+        embedding_tmp, scorer_tmp = Path(embedding_file.name), Path(scorer_file.name)
         sample = check_pixels(2)
         _export(embedding, (sample,), embedding_tmp, ["pixels"], ["embeddings"], opset)
         vectors = torch.zeros(2, dim)
@@ -194,10 +194,6 @@ def export_onnx(
                 f"{embedding_diff:.3g}, scores {scorer_diff:.3g}), more than {tolerance:g}; nothing was written. "
                 f"Try another --opset, or report the torch and onnxruntime versions"
             )
-        embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
-        for tmp, path in ((embedding_tmp, embedding_path), (scorer_tmp, scorer_path)):
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the models from other users
-            os.replace(tmp, path)
     return OnnxExport(
         embedding_path=embedding_path,
         scorer_path=scorer_path,
@@ -217,17 +213,6 @@ def _cpu_copy(model: SiameseNetwork) -> SiameseNetwork:
     copy.load_state_dict({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                           for k, v in model.state_dict().items()})
     return copy.eval()
-
-
-@contextlib.contextmanager
-def _temporary(folder: Path, name: str) -> Iterator[Path]:
-    """A temporary file name in ``folder`` (renamed by the caller, removed when it is still there)."""
-    handle, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(path)
-    finally:
-        Path(path).unlink(missing_ok=True)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:

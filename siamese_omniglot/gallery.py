@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from torch import nn
 
 from .data.images import IMAGE_SUFFIXES, decode_image
 from .errors import DataError
+from .files import atomic_write
 from .models import SiameseNetwork
 
 log = logging.getLogger(__name__)
@@ -170,18 +169,10 @@ def load_support(folder: str | Path, embed: EmbedFn, model_key: str, cache: bool
 
 
 def _write_cache(path: Path, paths: tuple[str, ...], embeddings: torch.Tensor) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, rename."""
+    """Write atomically (see :func:`siamese_omniglot.files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        try:
-            np.savez(tmp, paths=np.array(paths), embeddings=embeddings.numpy())
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
+    with atomic_write(path) as file:
+        np.savez(file, paths=np.array(paths), embeddings=embeddings.numpy())
 
 
 def _read_cache(path: Path, paths: tuple[str, ...]) -> torch.Tensor | None:

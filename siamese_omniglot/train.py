@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +42,7 @@ from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split
 from .distributed import DistributedContext
 from .errors import CheckpointError, ConfigError, DataError, OutputError, TrainingError
 from .evaluate import PairMetrics, best_threshold, embed_pixels, one_shot_accuracy, pair_logits, pair_metrics
+from .files import atomic_write
 from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model
 from .plots import panel_chart
 from .staging import StagedImages
@@ -605,9 +605,14 @@ class Trainer:
     def _write_logs(self) -> None:
         """Rewrite the logs from the history, each file replaced whole: after a crash and a resume they
         list exactly the epochs of the checkpoint, never a half line or an epoch twice."""
-        _replace(self.out_dir / "metrics.jsonl", "".join(json.dumps(asdict(m)) + "\n" for m in self.history))
-        _replace(self.out_dir / "epoch_loss.txt", "".join(f"{m.train_loss}\n" for m in self.history))
-        _replace(self.out_dir / "epoch_val_loss.txt", "".join(f"{m.val_loss}\n" for m in self.history))
+        texts = {
+            "metrics.jsonl": "".join(json.dumps(asdict(m)) + "\n" for m in self.history),
+            "epoch_loss.txt": "".join(f"{m.train_loss}\n" for m in self.history),
+            "epoch_val_loss.txt": "".join(f"{m.val_loss}\n" for m in self.history),
+        }
+        for name, text in texts.items():
+            with atomic_write(self.out_dir / name, "w") as file:
+                file.write(text)
         panels = {  # a panel each: the two losses differ in kind for the classify objective
             "train loss": {"train loss": [m.train_loss for m in self.history]},
             "val loss": {"val loss": [m.val_loss for m in self.history]},
@@ -619,26 +624,6 @@ class Trainer:
         if self.val_episodes is not None:
             way = self.val_episodes.support.shape[1]
             panels["validation"][f"val {way}-way 1-shot"] = [m.val_one_shot for m in self.history]
-        title = f"{self.config.preset}: loss and validation accuracy per epoch"
-        _replace(
-            self.out_dir / "epoch_loss.png",
-            lambda tmp: panel_chart(panels, tmp, title=title),
-            tmp=self.out_dir / ".epoch_loss.tmp.png",  # Pillow takes the format from the suffix
-        )
+        with atomic_write(self.out_dir / "epoch_loss.png") as file:
+            panel_chart(panels, file.name, title=f"{self.config.preset}: loss and validation accuracy per epoch")
 
-
-def _replace(path: Path, content: str | Callable[[Path], object], tmp: Path | None = None) -> None:
-    """Write ``path`` through a temporary file and a rename, so a reader sees the old or the new file, whole.
-
-    ``content`` is the text, or a function that writes the temporary file it is given.
-    """
-    tmp = tmp or path.with_name(f".{path.name}.tmp")
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            tmp.write_text(content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -27,14 +27,6 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(mini_background: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    images = so.load_training_set(mini_background)
-    config = so.preset("fast", max_steps=30, batch_size=32, val_pairs=50, log_every=10)
-    out = tmp_path_factory.mktemp("bench_run")
-    return so.Trainer(config, images, out, torch.device("cpu")).fit().best_checkpoint
-
-
 def test_accuracy_report_has_every_protocol_with_its_trial_count(tiny_checkpoint, mini_evaluation, shared_omniglot):
     accuracy = _load("accuracy")
     evaluation = so.load_evaluation_set(mini_evaluation)

@@ -34,7 +34,7 @@ from PIL import Image
 
 from siamese_omniglot.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from siamese_omniglot.config import preset
-from siamese_omniglot.data import ImageSet, load_folder, read_image
+from siamese_omniglot.data import ImageSet, decode_image, load_folder, read_image
 from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.omniglot import BACKGROUND, fetch_archive, find_split, load_split
 from siamese_omniglot.errors import ConfigError, DataError
@@ -456,6 +456,13 @@ def header_only_png(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
+
+
+@pytest.mark.parametrize(("width", "height"), [(0, 8), (8, 0), (0, 0)])
+def test_a_png_header_of_zero_size_is_refused(width: int, height: int) -> None:
+    """Refused when opened (Pillow 12 and 13 alike): a DataError, never a crash in the canvas fitting."""
+    with pytest.raises(DataError, match=r"^zero\.png: not a readable image \("):
+        decode_image(header_only_png(width, height), "zero.png")
 
 def refused_images(folder: Path, drawing: Path) -> dict[str, tuple[Path, str]]:
     """Files compare must refuse: path and the message's key words."""

@@ -98,8 +98,6 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     except Exception as error:  # Pillow's parsers raise many types on hostile bytes
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{name}: not a readable image ({reason})") from None
-    if 0 in gray.size:  # a zero-sized header: older Pillow opens it, newer refuses it
-        raise DataError(f"{name}: not a readable image (it is {gray.size[0]} × {gray.size[1]} pixels)")
     return fit_to_canvas(gray)
 
 
@@ -111,7 +109,7 @@ def fit_to_canvas(image: Image.Image | np.ndarray) -> np.ndarray:
         scale = CANVAS_PX / max(gray.size)
         width, height = (max(1, min(CANVAS_PX, round(side * scale))) for side in gray.size)
         canvas = Image.new("L", (CANVAS_PX, CANVAS_PX), 255)
-        corner = ((CANVAS_PX - width) // 2, (CANVAS_PX - height) // 2)
+        corner = (round((CANVAS_PX - width) / 2), round((CANVAS_PX - height) / 2))  # centred as ImageOps.pad does
         canvas.paste(gray.resize((width, height), Image.BILINEAR), corner)
         gray = canvas
     return np.asarray(gray, dtype=np.uint8)

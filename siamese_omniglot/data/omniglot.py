@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..files import atomic_write
 from .folders import ImageIndex, decode_index, index_paths
 from .images import CANVAS_PX, ImageSet
 
@@ -347,27 +348,17 @@ def _write_cache(cache: Path, images: ImageSet) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     pixels = images.pixels.numpy()
     binary = bool(((pixels == 0) | (pixels == 255)).all())
-    with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as tmp:
-        try:
-            np.savez(
-                tmp,
-                pixels=np.packbits(pixels == 255) if binary else pixels,
-                binary=np.array(binary),
-                shape=np.array(pixels.shape),
-                labels=images.labels.numpy(),
-                class_names=np.array(images.class_names),
-                class_groups=images.class_groups.numpy(),
-                group_names=np.array(images.group_names),
-            )
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:  # a full disk: leave no partial cache behind
-            with contextlib.suppress(OSError):
-                tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, cache)
+    with atomic_write(cache) as file:  # a full disk leaves no partial cache behind
+        np.savez(
+            file,
+            pixels=np.packbits(pixels == 255) if binary else pixels,
+            binary=np.array(binary),
+            shape=np.array(pixels.shape),
+            labels=images.labels.numpy(),
+            class_names=np.array(images.class_names),
+            class_groups=images.class_groups.numpy(),
+            group_names=np.array(images.group_names),
+        )
 
 
 def _read_cache(cache: Path) -> ImageSet:

@@ -1,0 +1,36 @@
+"""Atomic file writes: a reader, or a process killed midway, sees the old file or the new one, whole."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO]:
+    """Open a hidden temporary file beside ``path`` for writing; on success it is flushed, fsynced, made
+    world-readable and renamed onto ``path``; on any failure it is removed and ``path`` is left as it was.
+
+    ``handle.name`` is the temporary file's path, for writers that take a path rather than a file.
+
+    Raises:
+        OSError: the file cannot be created or written (a full disk, a read-only folder).
+    """
+    path = Path(path)
+    tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
+        mode, dir=path.parent, prefix=f".{path.name}.", suffix=suffix, delete=False
+    )
+    try:
+        with tmp:
+            yield tmp
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)  # NamedTemporaryFile's 0600 would hide the file from other users
+        os.replace(tmp.name, path)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise

@@ -146,7 +146,8 @@ def free_memory(device: torch.device) -> int | None:
 
 def memory_format(device: torch.device) -> torch.memory_format:
     """The layout convolutions run fastest in on ``device``: channels-last on cuda (tensor cores) and on the cpu
-    (oneDNN; measured on a 2-core cpu with the fast preset: training +38%, inference +50%), else contiguous."""
+    (oneDNN; for the cpu figures see the throughput and evaluation-speed rows of docs/results.md), else
+    contiguous."""
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 

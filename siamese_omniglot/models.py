@@ -37,6 +37,7 @@ class ModelConfig:
     blocks: int = 4  # conv blocks of the fast backbone
     normalize: bool = False  # L2-normalise embeddings (embedding objective)
     batch_norm: bool = True  # fast backbone: batch norm after each conv (off: exact multi-process equivalence)
+    final_pool: bool = True  # fast backbone: max-pool after the last block too (off: keep its finer feature map)
 
     def to_dict(self) -> dict:
         """Plain dict for checkpoints and JSON."""
@@ -60,22 +61,27 @@ def resize_to(images: torch.Tensor, size_px: int) -> torch.Tensor:
 
 
 class FastEmbedding(nn.Module):
-    """``blocks`` × (3 × 3 conv, batch norm, ReLU, 2 × 2 max-pool), flattened."""
+    """``blocks`` × (3 × 3 conv, batch norm, ReLU, 2 × 2 max-pool), flattened; ``final_pool=False`` drops the
+    last block's pool, keeping a four times larger map (at 28 px: 3 × 3 instead of 1 × 1 per channel)."""
 
-    def __init__(self, input_px: int, width: int, blocks: int, batch_norm: bool = True) -> None:
+    def __init__(
+        self, input_px: int, width: int, blocks: int, batch_norm: bool = True, final_pool: bool = True
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels, size = 1, input_px
-        for _ in range(blocks):
+        for block in range(blocks):
+            pool = final_pool or block < blocks - 1
             layers += [
                 nn.Conv2d(channels, width, 3, padding=1, bias=not batch_norm),
                 nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
                 nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
+                nn.MaxPool2d(2) if pool else nn.Identity(),
             ]
-            channels, size = width, size // 2
+            channels, size = width, size // 2 if pool else size
         if size < 1:
-            raise ConfigError(f"{blocks} blocks need an input of at least {2**blocks} px, got {input_px}")
+            pools = blocks if final_pool else blocks - 1
+            raise ConfigError(f"{blocks} blocks need an input of at least {2**pools} px, got {input_px}")
         self.features = nn.Sequential(*layers)
         self.dim = width * size * size
 
@@ -132,7 +138,7 @@ def _similarity_head(config: ModelConfig, dim: int) -> nn.Module:
 
 def _backbone(config: ModelConfig, pretrained: bool) -> nn.Module:
     if config.backbone == "fast":
-        return FastEmbedding(config.input_px, config.width, config.blocks, config.batch_norm)
+        return FastEmbedding(config.input_px, config.width, config.blocks, config.batch_norm, config.final_pool)
     if config.backbone == "koch":
         return KochEmbedding(config.input_px)
     if config.backbone == "vgg16":
@@ -189,7 +195,7 @@ class SiameseNetwork(nn.Module):
 
 
 BACKBONES = {
-    "fast": ModelConfig(backbone="fast", input_px=40, width=64, blocks=4, normalize=True),
+    "fast": ModelConfig(backbone="fast", input_px=28, width=64, blocks=4, normalize=True, final_pool=False),
     "koch": ModelConfig(backbone="koch", input_px=105),
     "vgg16": ModelConfig(backbone="vgg16", input_px=105),
 }

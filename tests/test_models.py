@@ -10,7 +10,7 @@ from torch import nn
 from siamese_omniglot.errors import CheckpointError, ConfigError
 from siamese_omniglot.models import BACKBONES, ModelConfig, SiameseNetwork, build_model
 
-EMBEDDING_DIMS = {"fast": 256, "koch": 4096, "vgg16": 4608}
+EMBEDDING_DIMS = {"fast": 576, "koch": 4096, "vgg16": 4608}
 
 
 def ink(count: int, size_px: int, seed: int = 0) -> torch.Tensor:
@@ -103,17 +103,28 @@ def test_unknown_backbone_is_a_config_error(make) -> None:
         make()
 
 
-def test_too_small_input_for_the_fast_blocks_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="4 blocks need an input of at least 16 px, got 8"):
-        build_model("fast", input_px=8)
+@pytest.mark.parametrize(("final_pool", "smallest"), [(False, 8), (True, 16)])
+def test_too_small_input_for_the_fast_blocks_is_a_config_error(final_pool: bool, smallest: int) -> None:
+    with pytest.raises(ConfigError, match=f"4 blocks need an input of at least {smallest} px, got {smallest - 1}"):
+        build_model("fast", input_px=smallest - 1, final_pool=final_pool)
+    assert build_model("fast", input_px=smallest, final_pool=final_pool).embedding_dim == 64
 
 
 @pytest.mark.parametrize(
-    ("input_px", "width", "blocks", "dim"), [(28, 64, 4, 64), (32, 16, 3, 16 * 4 * 4), (28, 8, 2, 8 * 7 * 7)]
+    ("input_px", "width", "blocks", "final_pool", "dim"),
+    [
+        (28, 64, 4, False, 64 * 3 * 3),
+        (28, 64, 4, True, 64),
+        (32, 16, 3, False, 16 * 8 * 8),
+        (32, 16, 3, True, 16 * 4 * 4),
+        (28, 8, 2, True, 8 * 7 * 7),
+    ],
 )
-def test_fast_overrides_set_the_embedding_size(input_px: int, width: int, blocks: int, dim: int) -> None:
-    model = build_model("fast", input_px=input_px, width=width, blocks=blocks).eval()
-    assert model.config == ModelConfig("fast", input_px, width, blocks, normalize=True)
+def test_fast_overrides_set_the_embedding_size(
+    input_px: int, width: int, blocks: int, final_pool: bool, dim: int
+) -> None:
+    model = build_model("fast", input_px=input_px, width=width, blocks=blocks, final_pool=final_pool).eval()
+    assert model.config == ModelConfig("fast", input_px, width, blocks, normalize=True, final_pool=final_pool)
     assert model.embedding_dim == dim
     with torch.no_grad():
         assert model.embed(ink(2, 105)).shape == (2, dim)

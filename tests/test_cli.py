@@ -143,7 +143,7 @@ ERROR_CASES = {
     ),
     "unknown-preset": (
         lambda t, c, i, m: ["train", "--preset", "nope", "--data", m, "--out", t / "run"],
-        "unknown preset 'nope': choose one of fast, koch, seed",
+        "unknown preset 'nope': choose one of fast, wide, koch, seed",
     ),
     "one-class-data": (
         lambda t, c, i, m: ["train", "--data", one_class_tree(t, i), "--out", t / "run", "--max-steps", 1],

@@ -17,7 +17,7 @@ from torch import nn
 
 from siamese_omniglot.config import preset
 from siamese_omniglot.data import ImageSet, load_folder
-from siamese_omniglot.errors import CheckpointError, OutputError, TrainingError
+from siamese_omniglot.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from siamese_omniglot.evaluate import embed_pixels, roc_auc
 from siamese_omniglot.models import ModelConfig, SiameseNetwork
 from siamese_omniglot.train import (
@@ -178,6 +178,20 @@ def test_pair_objective_loss_falls(small: ImageSet, tmp_path: Path) -> None:
     assert losses[-1] < math.log(2)  # better than a 50/50 guess
     assert result.history[-1].step == 24
     assert torch.load(result.last_checkpoint, weights_only=True)["training"]["classifier"] is None
+
+
+def test_wide_preset_trains_the_fast_network_with_more_channels(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("wide", max_steps=2, batch_size=16, val_pairs=50)
+    result = Trainer(config, small, tmp_path / "run", CPU).fit()
+    state = torch.load(result.best_checkpoint, weights_only=True)
+    wide = ModelConfig(backbone="fast", input_px=28, width=128, blocks=4, normalize=True, final_pool=False)
+    assert state["model_config"] == wide.to_dict()
+    assert state["model"]["head.weight"].shape == (1, 128 * 3 * 3)
+
+
+def test_width_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="invalid setting width=0: must be positive"):
+        preset("fast", width=0)
 
 
 def test_refuses_to_overwrite_a_run(classify_run: dict, small: ImageSet) -> None:

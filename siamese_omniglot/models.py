@@ -70,8 +70,9 @@ class FastEmbedding(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         channels, size = 1, input_px
+        pools = blocks if final_pool else blocks - 1  # the first `pools` blocks end in a max-pool
         for block in range(blocks):
-            pool = final_pool or block < blocks - 1
+            pool = block < pools
             layers += [
                 nn.Conv2d(channels, width, 3, padding=1, bias=not batch_norm),
                 nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
@@ -80,7 +81,6 @@ class FastEmbedding(nn.Module):
             ]
             channels, size = width, size // 2 if pool else size
         if size < 1:
-            pools = blocks if final_pool else blocks - 1
             raise ConfigError(f"{blocks} blocks need an input of at least {2**pools} px, got {input_px}")
         self.features = nn.Sequential(*layers)
         self.dim = width * size * size

@@ -23,6 +23,7 @@ def _load(name: str):
         sys.path.insert(0, str(BENCHMARKS))  # as when the script runs: its folder comes first
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module
 
@@ -149,3 +150,53 @@ def test_eval_speed_reports_a_failing_command_in_one_line(tmp_path: Path) -> Non
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 1
     assert "eval --device cpu" in done.stderr and "failed (2)" in done.stderr and "Traceback" not in done.stderr
+
+
+def _runs_from(evaluation: so.ImageSet, support_drawer: int, query_drawer: int) -> so.LakeRuns:
+    """Two 3-way runs in Lake's design built from ``evaluation``: one alphabet each, one drawer per role."""
+    class_start, _ = evaluation.class_ranges()
+    group_start, _ = evaluation.group_ranges()
+    characters = torch.stack([group_start[g] + torch.arange(3) for g in (0, 1)])  # [2 runs, 3]
+    answers = torch.tensor([[2, 0, 1], [1, 2, 0]])
+    training = class_start[characters] + support_drawer
+    test = class_start[characters.gather(1, answers)] + query_drawer
+    pixels = evaluation.pixels
+    return so.LakeRuns(training=pixels[training], test=pixels[test], answers=answers)
+
+
+def test_official_runs_are_located_with_their_design(mini_evaluation):
+    official = _load("official_runs")
+    evaluation = so.load_evaluation_set(mini_evaluation)
+    runs = _runs_from(evaluation, support_drawer=4, query_drawer=1)
+    design = official.locate_runs(runs, evaluation)
+    assert torch.equal(evaluation.pixels[design.training], runs.training)
+    assert torch.equal(evaluation.pixels[design.test], runs.test)
+    assert design.alphabets == tuple(sorted(evaluation.group_names[:2]))
+    assert design.drawers == (1, 4)
+    subset = official.design_subset(evaluation, design)
+    assert subset.group_names == design.alphabets and len(subset) == 2 * 6 * 2  # 2 alphabets × 6 characters × 2
+
+
+def test_official_runs_report_agrees_with_the_official_scorer(tiny_checkpoint, mini_evaluation):
+    official = _load("official_runs")
+    evaluation = so.load_evaluation_set(mini_evaluation)
+    runs = _runs_from(evaluation, support_drawer=3, query_drawer=7)
+    report = official.compare(tiny_checkpoint, evaluation, runs, torch.device("cpu"), seed=0, fresh_runs=5)
+    model = so.Verifier.from_checkpoint(tiny_checkpoint, "cpu").model
+    assert report["official"]["accuracy"] == pytest.approx(so.lake_runs_accuracy(model, runs, "cpu").accuracy)
+    low, high = report["official"]["run_ci"]
+    assert low <= report["official"]["accuracy"] <= high
+    assert report["drawers"] == [4, 8]
+    assert 0 <= report["other_drawer_pairs"] <= 1
+    assert report["fresh_same_design"]["trials"] == report["fresh_all"]["trials"] == 5 * 3  # 5 fresh 3-way runs
+    row = official.results_row(report | {"date": "2026-11-29", "checkpoint": "x", "command": "python y"})
+    assert row.startswith("| 2026-11-29 | x | **") and row.count("|") == 8
+
+
+def test_run_bootstrap_resamples_whole_runs():
+    official = _load("official_runs")
+    assert official.run_bootstrap(torch.ones(20, 20, dtype=torch.bool)) == (1.0, 1.0)
+    halves = torch.zeros(20, 20, dtype=torch.bool)
+    halves[:10] = True  # ten perfect runs, ten failed ones: the mean swings with the runs drawn
+    low, high = official.run_bootstrap(halves)
+    assert 0.25 < low < 0.5 < high < 0.75

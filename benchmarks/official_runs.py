@@ -1,0 +1,187 @@
+"""Official runs against fresh runs: where Lake et al.'s 20 runs sit among runs of their own design.
+
+Finds every image of ``all_runs.zip`` in ``images_evaluation`` (by its pixels), reads the runs' design off
+them (which alphabets, which drawers) and scores one checkpoint four ways:
+
+1. the official runs (400 trials), with an interval from resampling whole runs, since the 20 trials of a
+   run share one alphabet, one character set and one pair of drawers;
+2. the same character sets with every other ordered pair of the drawers the official runs use;
+3. fresh runs of the same design: as many ways, the official runs' alphabets and drawers, new characters and
+   drawer pairs;
+4. fresh runs over all evaluation alphabets and drawers (the ``drawer runs`` of ``benchmarks/accuracy.py``).
+
+    python benchmarks/official_runs.py --data datasets --runs datasets/all_runs.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shlex
+import sys
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+from results_table import insert_row
+
+import siamese_omniglot as so
+from siamese_omniglot.data import sample_drawer_runs
+from siamese_omniglot.evaluate import embed_pixels
+from siamese_omniglot.models import SiameseNetwork
+from siamese_omniglot.verify import default_checkpoint
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+@dataclass(frozen=True)
+class RunDesign:
+    """The official runs located in an ImageSet: image indices and what they were drawn from."""
+
+    training: torch.Tensor  # int64 [R, W]: image index of each run's training (support) images
+    test: torch.Tensor  # int64 [R, W]: image index of each run's test (query) images
+    answers: torch.Tensor  # int64 [R, W]: position in ``training`` of each test image's character
+    alphabets: tuple[str, ...]  # the groups the runs draw from, sorted
+    drawers: tuple[int, ...]  # the drawers (0-based positions within a class) the runs use, sorted
+
+
+def _digest(image: torch.Tensor) -> bytes:
+    return hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def locate_runs(runs: so.LakeRuns, images: so.ImageSet) -> RunDesign:
+    """Find each run image among ``images`` by identical pixels; stops with a message when one is missing."""
+    index = {_digest(image): i for i, image in enumerate(images.pixels)}
+
+    def find(batch: torch.Tensor) -> torch.Tensor:
+        found = [index.get(_digest(image)) for image in batch.flatten(0, 1)]
+        if None in found:
+            raise SystemExit(f"{found.count(None)} run images are not in the evaluation set: is it Omniglot's?")
+        return torch.tensor(found, dtype=torch.int64).view(batch.shape[:2])
+
+    training, test = find(runs.training), find(runs.test)
+    class_start, _ = images.class_ranges()
+    both = torch.cat([training, test], 1)
+    drawers = both - class_start[images.labels[both]]
+    groups = images.class_groups[images.labels[both]]
+    return RunDesign(
+        training=training,
+        test=test,
+        answers=runs.answers,
+        alphabets=tuple(sorted({images.group_names[g] for g in groups.unique().tolist()})),
+        drawers=tuple(drawers.unique().tolist()),
+    )
+
+
+def run_bootstrap(correct: torch.Tensor, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean accuracy when whole runs (rows of ``correct`` [R, W]) are resampled."""
+    generator = torch.Generator().manual_seed(seed)
+    per_run = correct.float().mean(1)
+    picks = torch.randint(len(per_run), (samples, len(per_run)), generator=generator)
+    means = per_run[picks].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975])).tolist()
+    return low, high
+
+
+def _correct(
+    model: SiameseNetwork, embeddings: torch.Tensor, support: torch.Tensor, queries: torch.Tensor, answers: torch.Tensor
+) -> torch.Tensor:
+    """Hits [R, W] of runs given as image indices: support [R, W], queries [R, W], answers [R, W]."""
+    logits = model.score_embeddings(embeddings[queries][:, :, None], embeddings[support][:, None]).float()
+    return logits.argmax(-1).cpu() == answers
+
+
+def other_drawer_pairs(
+    model: SiameseNetwork, embeddings: torch.Tensor, images: so.ImageSet, design: RunDesign
+) -> torch.Tensor:
+    """Accuracy [R, P] of each official run's characters under each ordered pair of the design's drawers."""
+    class_start, _ = images.class_ranges()
+    first = class_start[images.labels[design.training]]  # [R, W]: each run's characters, in training order
+    answers = torch.arange(first.shape[1]).expand_as(first)
+    pairs = [(a, b) for a in design.drawers for b in design.drawers if a != b]
+    hits = [_correct(model, embeddings, first + a, first + b, answers) for a, b in pairs]
+    return torch.stack([h.float().mean(1) for h in hits], 1)
+
+
+def design_subset(images: so.ImageSet, design: RunDesign) -> so.ImageSet:
+    """The images of the design's alphabets drawn by the design's drawers."""
+    chosen = [g for g, name in enumerate(images.group_names) if name in design.alphabets]
+    classes = torch.nonzero(torch.isin(images.class_groups, torch.tensor(chosen))).flatten()
+    subset = images.subset_classes(classes)
+    class_start, _ = subset.class_ranges()
+    drawer = torch.arange(len(subset)) - class_start[subset.labels]
+    return subset.subset_images(torch.isin(drawer, torch.tensor(design.drawers)))
+
+
+def compare(
+    checkpoint: Path, evaluation: so.ImageSet, runs: so.LakeRuns, device: torch.device, seed: int, fresh_runs: int
+) -> dict:
+    """The four accuracies of one checkpoint, and the official runs' design."""
+    model = so.Verifier.from_checkpoint(checkpoint, device).model
+    design = locate_runs(runs, evaluation)
+    embeddings = embed_pixels(model, evaluation.pixels, device)
+    official = _correct(model, embeddings, design.training, design.test, design.answers)
+    low, high = run_bootstrap(official, seed=seed)
+    subset = design_subset(evaluation, design)
+    subset_embeddings = embed_pixels(model, subset.pixels, device)
+    way = design.training.shape[1]
+    same_design = sample_drawer_runs(subset, fresh_runs, seed, way)
+    all_drawers = sample_drawer_runs(evaluation, fresh_runs, seed, way)
+    return {
+        "alphabets": list(design.alphabets),
+        "drawers": [d + 1 for d in design.drawers],  # as Omniglot numbers them (the _DD of the file names)
+        "official": {
+            "accuracy": int(official.sum()) / official.numel(),
+            "run_ci": [low, high],
+            "trials": official.numel(),
+        },
+        "other_drawer_pairs": float(other_drawer_pairs(model, embeddings, evaluation, design).mean()),
+        "fresh_same_design": so.one_shot_accuracy(model, subset_embeddings, same_design).to_dict(),
+        "fresh_all": so.one_shot_accuracy(model, embeddings, all_drawers).to_dict(),
+    }
+
+
+def results_row(report: dict) -> str:
+    """One row of the official-versus-fresh table of docs/results.md."""
+    official, same, every = report["official"], report["fresh_same_design"], report["fresh_all"]
+    return (
+        f"| {report['date']} | {report['checkpoint']} | **{official['accuracy']:.1%}** "
+        f"({official['run_ci'][0]:.1%}–{official['run_ci'][1]:.1%}) | {report['other_drawer_pairs']:.1%} "
+        f"| {same['accuracy']:.1%} ({same['ci_low']:.1%}–{same['ci_high']:.1%}) "
+        f"| {every['accuracy']:.1%} ({every['ci_low']:.1%}–{every['ci_high']:.1%}) | `{report['command']}` |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to score (default: the bundled model)")
+    parser.add_argument("--data", default=None, help="Omniglot data root (default: $SIAMESE_DATA or ./datasets)")
+    parser.add_argument("--runs", required=True, help="Lake's all_runs.zip")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh-runs", type=int, default=100, help="fresh 20-trial runs per fresh protocol")
+    parser.add_argument("--results", default=str(RESULTS), help="Markdown file to append the row to ('' = none)")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    args = parser.parse_args()
+
+    device = so.resolve_device(args.device)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    evaluation = so.load_evaluation_set(args.data)
+    runs = so.load_lake_runs(args.runs)
+    report = {
+        "date": date.today().isoformat(),
+        "checkpoint": f"`{checkpoint.name}`" if args.checkpoint else "bundled `fast`",
+        "device": f"{device} ({platform.machine()}, torch {torch.__version__})",
+        "command": "python " + shlex.join(sys.argv),
+        **compare(checkpoint, evaluation, runs, device, args.seed, args.fresh_runs),
+    }
+    if args.results:
+        insert_row(args.results, "## Official runs and fresh runs", results_row(report))
+    print(json.dumps(report, indent=2) if args.json else results_row(report))
+
+
+if __name__ == "__main__":
+    main()

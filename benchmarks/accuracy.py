@@ -62,11 +62,12 @@ def _percent(result: dict) -> str:
 
 
 def results_row(report: dict) -> str:
-    """One Markdown table row of the results page."""
+    """One Markdown table row of the results page; a run on the reference's image split says so."""
     snapshots = ", ".join(f"{m} min: {a:.1%}" for m, a in report["snapshots"].items()) or "—"
     v = report["verification"]
+    preset = f"`{report['preset']}`" + (", 90/10 image split" if "reference_protocol" in report else "")
     return (
-        f"| {report['date']} | `{report['preset']}` | {report['device']} | {report['train_minutes']:.1f} min "
+        f"| {report['date']} | {preset} | {report['device']} | {report['train_minutes']:.1f} min "
         f"| **{report['lake_runs']['accuracy']:.1%}** | {_percent(report['drawer_runs'])} "
         f"| {_percent(report['way20'])} | {_percent(report['way5'])} | {v['roc_auc']:.4f} / {v['eer']:.1%} "
         f"| {snapshots} | `{report['command']}` |"

@@ -62,6 +62,8 @@ def test_results_row_quotes_the_measured_figures():
     assert accuracy.reference_row(report).startswith(
         "| 2026-11-29 | `fast` | cpu | 12.3 min | **97.5%** (2000 pairs, threshold 0.500) | 91.2% |"
     )
+    # trained on every background alphabet: its accuracy row must not pass for the preset's usual training
+    assert accuracy.results_row(report).startswith("| 2026-11-29 | `fast`, 90/10 image split | cpu |")
 
 
 def test_insert_row_goes_under_its_heading(tmp_path):

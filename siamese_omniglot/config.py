@@ -34,7 +34,8 @@ class TrainConfig:
     min_lr_fraction: float = 0.01
     amp: bool | None = None  # None: on for accelerators, off on cpu
     seed: int = 0
-    augment: bool = True  # Koch et al.'s small affine distortions
+    augment: bool = True  # distort training images: Koch et al.'s small affine maps, bent by `elastic`
+    elastic: float = 0.15  # with augment: std of a smooth random displacement bending the strokes (0: affine only)
     within_alphabet: float = 0.5  # probability that a negative pair shares an alphabet
     val_fraction: float = 0.15  # fraction of alphabets (or of each class's images) held out for validation
     val_split: str = "alphabets"  # "alphabets": unseen characters; "images": the reference's 90/10 image split
@@ -64,6 +65,8 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}: must be positive")
+        if self.elastic < 0:
+            raise ConfigError(f"invalid setting elastic={self.elastic!r}: must not be negative")
 
     def to_dict(self) -> dict:
         """Plain dict for JSON and checkpoints."""
@@ -76,15 +79,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`, ignoring keys this version does not know."""
+        """Inverse of :meth:`to_dict`, ignoring keys this version does not know; settings added since a
+        checkpoint was written take the value that reproduces its training (see ``ADDED_SINCE``)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**(ADDED_SINCE | {k: v for k, v in values.items() if k in known}))
 
+
+# Settings added after checkpoints were first written, with the value that reproduces the training of a
+# checkpoint that lacks them.
+ADDED_SINCE = {"elastic": 0.0}
 
 PRESETS: dict[str, TrainConfig] = {
     # Fast CPU default: a 4-block conv net at 28 × 28 (no pool after the last block: a 3 × 3 × 64 embedding)
-    # trained as a character classifier, then used as a Siamese verifier whose head is calibrated on
-    # held-out alphabets.
+    # trained as a character classifier on affine and elastic distortions, then used as a Siamese verifier
+    # whose head is calibrated on held-out alphabets.
     "fast": TrainConfig(),
     # For one GPU: the fast recipe with twice the channels (a 1,152-value embedding) and 60 epochs. On the CPU,
     # more channels and more epochs each raised validation 1-shot accuracy (docs/results.md, "What was tried");
@@ -92,12 +100,14 @@ PRESETS: dict[str, TrainConfig] = {
     "wide": TrainConfig(preset="wide", width=128, epochs=60),
     # Koch et al. (2015): their network trained on pairs.
     "koch": TrainConfig(
-        preset="koch", backbone="koch", objective="pair", epochs=20, batch_size=32, lr=0.01, weight_decay=2e-4
+        preset="koch", backbone="koch", objective="pair", epochs=20, batch_size=32, lr=0.01, weight_decay=2e-4,
+        elastic=0.0,  # their affine distortions only
     ),
     # The reference (Tecorigin modelzoo Siamese): VGG16, batch 32, lr 1e-2, SGD-nesterov, warm-up + cosine,
     # 50 epochs, AMP on accelerators.
     "seed": TrainConfig(
-        preset="seed", backbone="vgg16", objective="pair", epochs=50, batch_size=32, lr=0.01, weight_decay=5e-4
+        preset="seed", backbone="vgg16", objective="pair", epochs=50, batch_size=32, lr=0.01, weight_decay=5e-4,
+        elastic=0.0,
     ),
 }
 

@@ -35,7 +35,7 @@ from torch import nn
 from . import devices
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import REFERENCE_BATCH, TrainConfig
-from .data.augment import random_affine
+from .data.augment import random_distortion
 from .data.episodes import Episodes, sample_episodes
 from .data.images import ImageSet
 from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_images, split_validation
@@ -429,7 +429,7 @@ class Trainer:
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Training images ``index`` as float ink on the device, distorted when augmenting."""
         images = self.staged.gather(index).float().div_(255)
-        images = random_affine(images, generator) if self.config.augment else images
+        images = random_distortion(images, generator, elastic=self.config.elastic) if self.config.augment else images
         return images.contiguous(memory_format=self.memory_format)
 
     def _report(self, loss: float, images_per_s: float) -> None:

@@ -33,7 +33,7 @@ from siamese_omniglot.data import (
     to_ink,
 )
 from siamese_omniglot.data import omniglot as omniglot_module
-from siamese_omniglot.data.augment import random_affine
+from siamese_omniglot.data.augment import random_distortion
 from siamese_omniglot.data.folders import decode_index, index_paths
 from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
 from siamese_omniglot.errors import DataError
@@ -669,10 +669,10 @@ def ink_batch(background_images):
     return to_ink(background_images.pixels[::40])  # 24 real characters
 
 
-def test_random_affine_distorts_reproducibly(ink_batch):
-    out = random_affine(ink_batch, seeded_generator(1))
-    again = random_affine(ink_batch, seeded_generator(1))
-    other = random_affine(ink_batch, seeded_generator(2))
+def test_random_distortion_distorts_reproducibly(ink_batch):
+    out = random_distortion(ink_batch, seeded_generator(1))
+    again = random_distortion(ink_batch, seeded_generator(1))
+    other = random_distortion(ink_batch, seeded_generator(2))
     assert out.shape == ink_batch.shape and out.dtype == ink_batch.dtype
     assert torch.equal(out, again)
     assert not torch.allclose(out, other)
@@ -683,14 +683,27 @@ def test_random_affine_distorts_reproducibly(ink_batch):
     assert out.min() >= 0 and out.max() <= 1 + 1e-6
 
 
-def test_random_affine_without_distortion_is_identity(ink_batch):
-    out = random_affine(ink_batch, seeded_generator(0), rotate_deg=0, shear=0, scale=(1, 1), shift_px=0)
+def test_random_distortion_without_distortion_is_identity(ink_batch):
+    out = random_distortion(ink_batch, seeded_generator(0), rotate_deg=0, shear=0, scale=(1, 1), shift_px=0)
     assert torch.allclose(out, ink_batch, atol=1e-5)
 
 
-def test_random_affine_keeps_blank_pages_blank():
+def test_elastic_distortion_bends_strokes_more_as_it_grows(ink_batch):
+    still = {"rotate_deg": 0, "shear": 0, "scale": (1, 1), "shift_px": 0}
+    change = []
+    for elastic in (0.05, 0.1, 0.2):
+        out = random_distortion(ink_batch, seeded_generator(3), elastic=elastic, **still)
+        assert torch.equal(out, random_distortion(ink_batch, seeded_generator(3), elastic=elastic, **still))
+        ratio = out.flatten(1).sum(1) / ink_batch.flatten(1).sum(1)
+        if elastic <= 0.1:  # the strengths worth training with bend strokes without erasing or smearing them
+            assert bool(((ratio > 0.7) & (ratio < 1.4)).all())
+        change.append(float((out - ink_batch).abs().mean()))
+    assert 0 < change[0] < change[1] < change[2]
+
+
+def test_random_distortion_keeps_blank_pages_blank():
     blank = torch.zeros(4, 1, 105, 105)
-    assert torch.equal(random_affine(blank, seeded_generator(0)), blank)
+    assert torch.equal(random_distortion(blank, seeded_generator(0)), blank)
 
 
 @pytest.mark.parametrize("size", [(1, 5000), (5000, 1), (3, 2000)])

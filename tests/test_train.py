@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from siamese_omniglot.config import preset
+from siamese_omniglot.config import TrainConfig, preset
 from siamese_omniglot.data import ImageSet, load_folder
 from siamese_omniglot.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from siamese_omniglot.evaluate import embed_pixels, roc_auc
@@ -192,6 +192,18 @@ def test_wide_preset_trains_the_fast_network_with_more_channels(small: ImageSet,
 def test_width_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="invalid setting width=0: must be positive"):
         preset("fast", width=0)
+
+
+def test_elastic_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="invalid setting elastic=-0.1: must not be negative"):
+        preset("fast", elastic=-0.1)
+
+
+def test_a_checkpoint_from_before_elastic_distortion_resumes_without_it() -> None:
+    older = preset("fast").to_dict()
+    del older["elastic"]
+    assert TrainConfig.from_dict(older).elastic == 0.0  # as it was trained
+    assert TrainConfig.from_dict(preset("fast").to_dict()) == preset("fast")
 
 
 def test_refuses_to_overwrite_a_run(classify_run: dict, small: ImageSet) -> None:

@@ -1,4 +1,5 @@
-"""Batched affine distortions for handwriting (Koch et al. 2015), run on whatever device holds the batch.
+"""Batched distortions for handwriting, run on whatever device holds the batch: Koch et al.'s (2015) affine
+maps, optionally bent by a smooth random displacement field (Simard et al. 2003's elastic distortions).
 
 No flips: a mirrored character is often another character.
 """
@@ -10,19 +11,24 @@ import math
 import torch
 import torch.nn.functional as F
 
+ELASTIC_GRID = 4  # control points per side of the elastic displacement field: bends strokes, keeps them whole
 
-def random_affine(
+
+def random_distortion(
     images: torch.Tensor,
     generator: torch.Generator,
     rotate_deg: float = 10.0,
     shear: float = 0.3,
     scale: tuple[float, float] = (0.8, 1.2),
     shift_px: float = 2.0,
+    elastic: float = 0.0,
 ) -> torch.Tensor:
     """Distort ink images [N, 1, H, W] with one random affine map each (rotation, shear, scale, shift).
 
     Random numbers come from ``generator`` (best on the images' device: no host round trip); shifts are
-    given in pixels of a 105-pixel canvas and scaled to the batch's size.
+    given in pixels of a 105-pixel canvas and scaled to the batch's size. ``elastic`` > 0 adds a smooth
+    displacement to every sampling point: Gaussian noise of that standard deviation (in normalised
+    coordinates, which span 2 across the image) on a coarse grid, upsampled bicubically.
     """
     n = images.shape[0]
 
@@ -43,4 +49,8 @@ def random_affine(
     theta = torch.cat([linear, torch.stack([shift_x, shift_y], 1).unsqueeze(2)], 2)
     theta = theta.to(device=images.device, dtype=images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    if elastic > 0:
+        coarse = torch.randn(n, 2, ELASTIC_GRID, ELASTIC_GRID, generator=generator, device=generator.device)
+        field = F.interpolate(coarse * elastic, size=images.shape[-2:], mode="bicubic", align_corners=True)
+        grid = grid + field.permute(0, 2, 3, 1).to(device=images.device, dtype=images.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

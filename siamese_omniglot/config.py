@@ -24,7 +24,7 @@ class TrainConfig:
     preset: str = "fast"
     backbone: str = "fast"
     objective: str = "classify"  # "pair": BCE on the head's logit; "classify": softmax over training characters
-    epochs: int = 24
+    epochs: int = 36
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     batch_size: int = 128
     lr: float = 0.05

@@ -3,12 +3,15 @@
 Finds every image of ``all_runs.zip`` in ``images_evaluation`` (by its pixels), reads the runs' design off
 them (which alphabets, which drawers) and scores one checkpoint four ways:
 
-1. the official runs (400 trials), with an interval from resampling whole runs, since the 20 trials of a
-   run share one alphabet, one character set and one pair of drawers;
-2. the same character sets with every other ordered pair of the drawers the official runs use;
+1. the official runs (400 trials), with an interval from resampling their character sets: the trials of a
+   run share one alphabet, one character set and one pair of drawers, and runs may share character sets;
+2. the same character sets with every other ordered pair of the drawers the official runs use (not the run's
+   own pair);
 3. fresh runs of the same design: as many ways, the official runs' alphabets and drawers, new characters and
    drawer pairs;
 4. fresh runs over all evaluation alphabets and drawers (the ``drawer runs`` of ``benchmarks/accuracy.py``).
+
+Fresh runs get intervals from resampling whole runs.
 
     python benchmarks/official_runs.py --data datasets --runs datasets/all_runs.zip
 """
@@ -30,7 +33,7 @@ from results_table import insert_row
 
 import siamese_omniglot as so
 from siamese_omniglot.data import sample_drawer_runs
-from siamese_omniglot.evaluate import embed_pixels
+from siamese_omniglot.evaluate import embed_pixels, episode_logits
 from siamese_omniglot.models import SiameseNetwork
 from siamese_omniglot.verify import default_checkpoint
 
@@ -44,8 +47,10 @@ class RunDesign:
     training: torch.Tensor  # int64 [R, W]: image index of each run's training (support) images
     test: torch.Tensor  # int64 [R, W]: image index of each run's test (query) images
     answers: torch.Tensor  # int64 [R, W]: position in ``training`` of each test image's character
+    pairs: torch.Tensor  # int64 [R, 2]: each run's support and query drawer (0-based position within a class)
+    character_sets: torch.Tensor  # int64 [R]: runs with the same characters share a number
     alphabets: tuple[str, ...]  # the groups the runs draw from, sorted
-    drawers: tuple[int, ...]  # the drawers (0-based positions within a class) the runs use, sorted
+    drawers: tuple[int, ...]  # the drawers the runs use, sorted
 
 
 def _digest(image: torch.Tensor) -> bytes:
@@ -67,25 +72,36 @@ def locate_runs(runs: so.LakeRuns, images: so.ImageSet) -> RunDesign:
     both = torch.cat([training, test], 1)
     drawers = both - class_start[images.labels[both]]
     groups = images.class_groups[images.labels[both]]
+    characters = images.labels[training].sort(1).values
     return RunDesign(
         training=training,
         test=test,
         answers=runs.answers,
+        pairs=torch.stack([drawers[:, 0], drawers[:, training.shape[1]]], 1),
+        character_sets=torch.unique(characters, dim=0, return_inverse=True)[1],
         alphabets=tuple(sorted({images.group_names[g] for g in groups.unique().tolist()})),
         drawers=tuple(drawers.unique().tolist()),
     )
 
 
-def run_bootstrap(correct: torch.Tensor, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean accuracy when whole runs (rows of ``correct`` [R, W]) are resampled."""
-    generator = torch.Generator().manual_seed(seed)
-    per_run = correct.float().mean(1)
-    picks = torch.randint(len(per_run), (samples, len(per_run)), generator=generator)
-    means = per_run[picks].mean(1)
+def run_bootstrap(
+    correct: torch.Tensor, clusters: torch.Tensor | None = None, samples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of the accuracy of trials ``correct`` [R, W] when whole clusters of runs are resampled.
+
+    ``clusters`` [R] numbers the runs that are not independent of each other alike (default: each run alone).
+    """
+    clusters = torch.arange(len(correct)) if clusters is None else clusters
+    count = int(clusters.max()) + 1
+    hits = torch.zeros(count).index_add_(0, clusters, correct.float().sum(1))
+    trials = torch.zeros(count).index_add_(0, clusters, torch.full((len(correct),), float(correct.shape[1])))
+    picks = torch.randint(count, (samples, count), generator=torch.Generator().manual_seed(seed))
+    means = hits[picks].sum(1) / trials[picks].sum(1)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975])).tolist()
     return low, high
 
 
+@torch.no_grad()
 def _correct(
     model: SiameseNetwork, embeddings: torch.Tensor, support: torch.Tensor, queries: torch.Tensor, answers: torch.Tensor
 ) -> torch.Tensor:
@@ -97,13 +113,16 @@ def _correct(
 def other_drawer_pairs(
     model: SiameseNetwork, embeddings: torch.Tensor, images: so.ImageSet, design: RunDesign
 ) -> torch.Tensor:
-    """Accuracy [R, P] of each official run's characters under each ordered pair of the design's drawers."""
+    """Accuracy of each official run's characters under each ordered pair of the design's drawers other than the
+    run's own: [R, P], NaN where the pair is the run's."""
     class_start, _ = images.class_ranges()
     first = class_start[images.labels[design.training]]  # [R, W]: each run's characters, in training order
     answers = torch.arange(first.shape[1]).expand_as(first)
     pairs = [(a, b) for a in design.drawers for b in design.drawers if a != b]
     hits = [_correct(model, embeddings, first + a, first + b, answers) for a, b in pairs]
-    return torch.stack([h.float().mean(1) for h in hits], 1)
+    accuracy = torch.stack([h.float().mean(1) for h in hits], 1)
+    own = (torch.tensor(pairs)[None] == design.pairs[:, None]).all(-1)  # [R, P]
+    return accuracy.masked_fill(own, torch.nan)
 
 
 def design_subset(images: so.ImageSet, design: RunDesign) -> so.ImageSet:
@@ -116,42 +135,52 @@ def design_subset(images: so.ImageSet, design: RunDesign) -> so.ImageSet:
     return subset.subset_images(torch.isin(drawer, torch.tensor(design.drawers)))
 
 
+def fresh_runs(
+    model: SiameseNetwork, images: so.ImageSet, device: torch.device, runs: int, seed: int, way: int
+) -> dict:
+    """Accuracy on ``runs`` fresh drawer runs of ``images``, with an interval from resampling whole runs."""
+    embeddings = embed_pixels(model, images.pixels, device)
+    episodes = sample_drawer_runs(images, runs, seed, way)
+    correct = (episode_logits(model, embeddings, episodes).argmax(1) == episodes.answers).view(runs, way)
+    low, high = run_bootstrap(correct, seed=seed)
+    return {"accuracy": float(correct.float().mean()), "run_ci": [low, high], "trials": correct.numel()}
+
+
 def compare(
-    checkpoint: Path, evaluation: so.ImageSet, runs: so.LakeRuns, device: torch.device, seed: int, fresh_runs: int
+    checkpoint: Path, evaluation: so.ImageSet, runs: so.LakeRuns, device: torch.device, seed: int, fresh: int
 ) -> dict:
     """The four accuracies of one checkpoint, and the official runs' design."""
     model = so.Verifier.from_checkpoint(checkpoint, device).model
     design = locate_runs(runs, evaluation)
     embeddings = embed_pixels(model, evaluation.pixels, device)
     official = _correct(model, embeddings, design.training, design.test, design.answers)
-    low, high = run_bootstrap(official, seed=seed)
-    subset = design_subset(evaluation, design)
-    subset_embeddings = embed_pixels(model, subset.pixels, device)
     way = design.training.shape[1]
-    same_design = sample_drawer_runs(subset, fresh_runs, seed, way)
-    all_drawers = sample_drawer_runs(evaluation, fresh_runs, seed, way)
     return {
         "alphabets": list(design.alphabets),
         "drawers": [d + 1 for d in design.drawers],  # as Omniglot numbers them (the _DD of the file names)
+        "character_sets": int(design.character_sets.max()) + 1,
+        "runs": len(design.training),
         "official": {
             "accuracy": int(official.sum()) / official.numel(),
-            "run_ci": [low, high],
+            "run_ci": list(run_bootstrap(official, design.character_sets, seed=seed)),
             "trials": official.numel(),
         },
-        "other_drawer_pairs": float(other_drawer_pairs(model, embeddings, evaluation, design).mean()),
-        "fresh_same_design": so.one_shot_accuracy(model, subset_embeddings, same_design).to_dict(),
-        "fresh_all": so.one_shot_accuracy(model, embeddings, all_drawers).to_dict(),
+        "other_drawer_pairs": float(other_drawer_pairs(model, embeddings, evaluation, design).nanmean()),
+        "fresh_same_design": fresh_runs(model, design_subset(evaluation, design), device, fresh, seed, way),
+        "fresh_all": fresh_runs(model, evaluation, device, fresh, seed, way),
     }
 
 
 def results_row(report: dict) -> str:
     """One row of the official-versus-fresh table of docs/results.md."""
-    official, same, every = report["official"], report["fresh_same_design"], report["fresh_all"]
+
+    def interval(result: dict) -> str:
+        return f"{result['accuracy']:.1%} ({result['run_ci'][0]:.1%}–{result['run_ci'][1]:.1%})"
+
     return (
-        f"| {report['date']} | {report['checkpoint']} | **{official['accuracy']:.1%}** "
-        f"({official['run_ci'][0]:.1%}–{official['run_ci'][1]:.1%}) | {report['other_drawer_pairs']:.1%} "
-        f"| {same['accuracy']:.1%} ({same['ci_low']:.1%}–{same['ci_high']:.1%}) "
-        f"| {every['accuracy']:.1%} ({every['ci_low']:.1%}–{every['ci_high']:.1%}) | `{report['command']}` |"
+        f"| {report['date']} | {report['checkpoint']} | {report['device']} | **{interval(report['official'])}** "
+        f"| {report['other_drawer_pairs']:.1%} | {interval(report['fresh_same_design'])} "
+        f"| {interval(report['fresh_all'])} | `{report['command']}` |"
     )
 
 
@@ -160,9 +189,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint to score (default: the bundled model)")
     parser.add_argument("--data", default=None, help="Omniglot data root (default: $SIAMESE_DATA or ./datasets)")
     parser.add_argument("--runs", required=True, help="Lake's all_runs.zip")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="device to embed on (auto, cpu, cuda, sdaa…)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fresh-runs", type=int, default=100, help="fresh 20-trial runs per fresh protocol")
+    parser.add_argument("--fresh-runs", type=int, default=100, help="fresh runs per fresh protocol")
     parser.add_argument("--results", default=str(RESULTS), help="Markdown file to append the row to ('' = none)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = parser.parse_args()
@@ -173,7 +202,7 @@ def main() -> None:
     runs = so.load_lake_runs(args.runs)
     report = {
         "date": date.today().isoformat(),
-        "checkpoint": f"`{checkpoint.name}`" if args.checkpoint else "bundled `fast`",
+        "checkpoint": f"`{args.checkpoint}`" if args.checkpoint else "bundled `fast`",
         "device": f"{device} ({platform.machine()}, torch {torch.__version__})",
         "command": "python " + shlex.join(sys.argv),
         **compare(checkpoint, evaluation, runs, device, args.seed, args.fresh_runs),

@@ -65,8 +65,8 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}: must be positive")
-        if self.elastic < 0:
-            raise ConfigError(f"invalid setting elastic={self.elastic!r}: must not be negative")
+        if not self.elastic >= 0:  # NaN too
+            raise ConfigError(f"invalid setting elastic={self.elastic!r}: must be a number ≥ 0")
 
     def to_dict(self) -> dict:
         """Plain dict for JSON and checkpoints."""
@@ -79,15 +79,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`, ignoring keys this version does not know; settings added since a
-        checkpoint was written take the value that reproduces its training (see ``ADDED_SINCE``)."""
+        """Inverse of :meth:`to_dict`, ignoring keys this version does not know.
+
+        Settings added since a checkpoint was written take the value that reproduces its training (``ADDED_SINCE``).
+        """
         known = {f.name for f in fields(cls)}
         return cls(**(ADDED_SINCE | {k: v for k, v in values.items() if k in known}))
 
 
 # Settings added after checkpoints were first written, with the value that reproduces the training of a
 # checkpoint that lacks them.
-ADDED_SINCE = {"elastic": 0.0}
+ADDED_SINCE: dict[str, object] = {"elastic": 0.0}
 
 PRESETS: dict[str, TrainConfig] = {
     # Fast CPU default: a 4-block conv net at 28 × 28 (no pool after the last block: a 3 × 3 × 64 embedding)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import siamese_omniglot as so
+from siamese_omniglot.evaluate import embed_pixels
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -154,14 +155,17 @@ def test_eval_speed_reports_a_failing_command_in_one_line(tmp_path: Path) -> Non
     assert "eval --device cpu" in done.stderr and "failed (2)" in done.stderr and "Traceback" not in done.stderr
 
 
-def _runs_from(evaluation: so.ImageSet, support_drawer: int, query_drawer: int) -> so.LakeRuns:
-    """Two 3-way runs in Lake's design built from ``evaluation``: one alphabet each, one drawer per role."""
+def _runs_from(evaluation: so.ImageSet, pairs: list[tuple[int, int]]) -> so.LakeRuns:
+    """3-way runs in Lake's design built from ``evaluation``, one per (support drawer, query drawer) in ``pairs``:
+    all but the last share the first alphabet's first 3 characters; the last uses the second alphabet's."""
     class_start, _ = evaluation.class_ranges()
     group_start, _ = evaluation.group_ranges()
-    characters = torch.stack([group_start[g] + torch.arange(3) for g in (0, 1)])  # [2 runs, 3]
-    answers = torch.tensor([[2, 0, 1], [1, 2, 0]])
-    training = class_start[characters] + support_drawer
-    test = class_start[characters.gather(1, answers)] + query_drawer
+    groups = [0] * (len(pairs) - 1) + [1]
+    characters = torch.stack([group_start[g] + torch.arange(3) for g in groups])  # [R, 3]
+    answers = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 2, 1]][: len(pairs)])
+    drawers = torch.tensor(pairs)
+    training = class_start[characters] + drawers[:, :1]
+    test = class_start[characters.gather(1, answers)] + drawers[:, 1:]
     pixels = evaluation.pixels
     return so.LakeRuns(training=pixels[training], test=pixels[test], answers=answers)
 
@@ -169,36 +173,66 @@ def _runs_from(evaluation: so.ImageSet, support_drawer: int, query_drawer: int) 
 def test_official_runs_are_located_with_their_design(mini_evaluation):
     official = _load("official_runs")
     evaluation = so.load_evaluation_set(mini_evaluation)
-    runs = _runs_from(evaluation, support_drawer=4, query_drawer=1)
+    runs = _runs_from(evaluation, [(4, 1), (1, 4), (4, 1)])
     design = official.locate_runs(runs, evaluation)
     assert torch.equal(evaluation.pixels[design.training], runs.training)
     assert torch.equal(evaluation.pixels[design.test], runs.test)
+    assert design.pairs.tolist() == [[4, 1], [1, 4], [4, 1]]
+    assert design.character_sets.tolist() == [0, 0, 1]  # the first two runs share their characters
     assert design.alphabets == tuple(sorted(evaluation.group_names[:2]))
     assert design.drawers == (1, 4)
     subset = official.design_subset(evaluation, design)
     assert subset.group_names == design.alphabets and len(subset) == 2 * 6 * 2  # 2 alphabets × 6 characters × 2
 
 
+def test_official_runs_must_all_be_found(mini_evaluation):
+    official = _load("official_runs")
+    evaluation = so.load_evaluation_set(mini_evaluation)
+    runs = _runs_from(evaluation, [(4, 1), (1, 4)])
+    runs.training[0, 0, 50, 50] = 255 - runs.training[0, 0, 50, 50]  # one pixel differs: not an Omniglot image
+    with pytest.raises(SystemExit, match="1 run images are not in the evaluation set"):
+        official.locate_runs(runs, evaluation)
+
+
+def test_other_drawer_pairs_leave_out_each_runs_own_pair(tiny_checkpoint, mini_evaluation):
+    official = _load("official_runs")
+    evaluation = so.load_evaluation_set(mini_evaluation)
+    design = official.locate_runs(_runs_from(evaluation, [(4, 1), (1, 4)]), evaluation)
+    model = so.Verifier.from_checkpoint(tiny_checkpoint, "cpu").model
+    embeddings = embed_pixels(model, evaluation.pixels, torch.device("cpu"))
+    accuracy = official.other_drawer_pairs(model, embeddings, evaluation, design)  # pairs (1, 4), (4, 1)
+    assert torch.isnan(accuracy[0, 1]) and torch.isnan(accuracy[1, 0])  # each run's own pair
+    class_start, _ = evaluation.class_ranges()
+    first = class_start[evaluation.labels[design.training[0]]]  # run 0's characters, drawn by drawer 1 and 4
+    logits = model.score_embeddings(embeddings[first + 4][:, None], embeddings[first + 1][None])
+    assert float(accuracy[0, 0]) == pytest.approx(float((logits.argmax(1) == torch.arange(3)).float().mean()))
+
+
 def test_official_runs_report_agrees_with_the_official_scorer(tiny_checkpoint, mini_evaluation):
     official = _load("official_runs")
     evaluation = so.load_evaluation_set(mini_evaluation)
-    runs = _runs_from(evaluation, support_drawer=3, query_drawer=7)
-    report = official.compare(tiny_checkpoint, evaluation, runs, torch.device("cpu"), seed=0, fresh_runs=5)
+    runs = _runs_from(evaluation, [(3, 7), (7, 3), (3, 7)])
+    report = official.compare(tiny_checkpoint, evaluation, runs, torch.device("cpu"), seed=0, fresh=5)
     model = so.Verifier.from_checkpoint(tiny_checkpoint, "cpu").model
     assert report["official"]["accuracy"] == pytest.approx(so.lake_runs_accuracy(model, runs, "cpu").accuracy)
     low, high = report["official"]["run_ci"]
     assert low <= report["official"]["accuracy"] <= high
-    assert report["drawers"] == [4, 8]
+    assert (report["drawers"], report["runs"], report["character_sets"]) == ([4, 8], 3, 2)
     assert 0 <= report["other_drawer_pairs"] <= 1
-    assert report["fresh_same_design"]["trials"] == report["fresh_all"]["trials"] == 5 * 3  # 5 fresh 3-way runs
-    row = official.results_row(report | {"date": "2026-11-29", "checkpoint": "x", "command": "python y"})
-    assert row.startswith("| 2026-11-29 | x | **") and row.count("|") == 8
+    for fresh in (report["fresh_same_design"], report["fresh_all"]):
+        assert fresh["trials"] == 5 * 3  # 5 fresh 3-way runs
+        assert fresh["run_ci"][0] <= fresh["accuracy"] <= fresh["run_ci"][1]
+    row = official.results_row(report | {"date": "2026-11-29", "checkpoint": "x", "device": "cpu", "command": "y"})
+    assert row.startswith("| 2026-11-29 | x | cpu | **") and row.count("|") == 9
 
 
-def test_run_bootstrap_resamples_whole_runs():
+def test_run_bootstrap_resamples_whole_runs_and_clusters_of_runs():
     official = _load("official_runs")
     assert official.run_bootstrap(torch.ones(20, 20, dtype=torch.bool)) == (1.0, 1.0)
     halves = torch.zeros(20, 20, dtype=torch.bool)
     halves[:10] = True  # ten perfect runs, ten failed ones: the mean swings with the runs drawn
     low, high = official.run_bootstrap(halves)
-    assert 0.25 < low < 0.5 < high < 0.75
+    assert low < 0.35 and high > 0.65  # resampling single trials would give about 0.45–0.55
+    pairs = torch.arange(20) // 2  # runs 2k and 2k + 1 share everything: ten independent units, not twenty
+    clustered = official.run_bootstrap(halves, pairs)
+    assert clustered[0] < low and high < clustered[1]

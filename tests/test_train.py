@@ -16,7 +16,8 @@ from PIL import Image
 from torch import nn
 
 from siamese_omniglot.config import TrainConfig, preset
-from siamese_omniglot.data import ImageSet, load_folder
+from siamese_omniglot.data import ImageSet, load_folder, seeded_generator
+from siamese_omniglot.data.augment import random_distortion
 from siamese_omniglot.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from siamese_omniglot.evaluate import embed_pixels, roc_auc
 from siamese_omniglot.models import ModelConfig, SiameseNetwork
@@ -194,9 +195,22 @@ def test_width_must_be_positive() -> None:
         preset("fast", width=0)
 
 
-def test_elastic_must_not_be_negative() -> None:
-    with pytest.raises(ConfigError, match="invalid setting elastic=-0.1: must not be negative"):
-        preset("fast", elastic=-0.1)
+def test_training_batches_are_bent_by_the_configured_elastic_strength(small: ImageSet, tmp_path: Path) -> None:
+    index = torch.arange(8)
+    batches = {}
+    for elastic in (0.0, 0.15):
+        trainer = Trainer(preset("fast", elastic=elastic, val_pairs=20), small, tmp_path / str(elastic), CPU)
+        batches[elastic] = trainer.batch(index, seeded_generator(5))
+        ink = trainer.staged.gather(index).float().div_(255)
+        expected = random_distortion(ink, seeded_generator(5), elastic=elastic)
+        assert torch.allclose(batches[elastic], expected)
+    assert not torch.allclose(batches[0.0], batches[0.15])
+
+
+@pytest.mark.parametrize("elastic", [-0.1, float("nan")])
+def test_elastic_must_be_a_number_not_below_zero(elastic: float) -> None:
+    with pytest.raises(ConfigError, match=f"invalid setting elastic={elastic!r}: must be a number ≥ 0"):
+        preset("fast", elastic=elastic)
 
 
 def test_a_checkpoint_from_before_elastic_distortion_resumes_without_it() -> None:

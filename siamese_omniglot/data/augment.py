@@ -23,7 +23,7 @@ def random_distortion(
     shift_px: float = 2.0,
     elastic: float = 0.0,
 ) -> torch.Tensor:
-    """Distort ink images [N, 1, H, W] with one random affine map each (rotation, shear, scale, shift).
+    """Distort ink images [N, 1, H, W]: one random affine map each (rotation, shear, scale, shift), optionally bent.
 
     Random numbers come from ``generator`` (best on the images' device: no host round trip); shifts are
     given in pixels of a 105-pixel canvas and scaled to the batch's size. ``elastic`` > 0 adds a smooth

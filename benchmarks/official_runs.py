@@ -32,7 +32,7 @@ import torch
 from results_table import insert_row
 
 import siamese_omniglot as so
-from siamese_omniglot.data import sample_drawer_runs
+from siamese_omniglot.data import Episodes, run_episodes, sample_drawer_runs
 from siamese_omniglot.evaluate import embed_pixels, episode_logits
 from siamese_omniglot.models import SiameseNetwork
 from siamese_omniglot.verify import default_checkpoint
@@ -57,6 +57,12 @@ def _digest(image: torch.Tensor) -> bytes:
     return hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
+def drawer_of(images: so.ImageSet, index: torch.Tensor) -> torch.Tensor:
+    """The drawer of images ``index``: each one's 0-based position within its class (Omniglot's ``_DD`` − 1)."""
+    class_start, _ = images.class_ranges()
+    return index - class_start[images.labels[index]]
+
+
 def locate_runs(runs: so.LakeRuns, images: so.ImageSet) -> RunDesign:
     """Find each run image among ``images`` by identical pixels; stops with a message when one is missing."""
     index = {_digest(image): i for i, image in enumerate(images.pixels)}
@@ -68,9 +74,8 @@ def locate_runs(runs: so.LakeRuns, images: so.ImageSet) -> RunDesign:
         return torch.tensor(found, dtype=torch.int64).view(batch.shape[:2])
 
     training, test = find(runs.training), find(runs.test)
-    class_start, _ = images.class_ranges()
     both = torch.cat([training, test], 1)
-    drawers = both - class_start[images.labels[both]]
+    drawers = drawer_of(images, both)
     groups = images.class_groups[images.labels[both]]
     characters = images.labels[training].sort(1).values
     return RunDesign(
@@ -101,13 +106,9 @@ def run_bootstrap(
     return low, high
 
 
-@torch.no_grad()
-def _correct(
-    model: SiameseNetwork, embeddings: torch.Tensor, support: torch.Tensor, queries: torch.Tensor, answers: torch.Tensor
-) -> torch.Tensor:
-    """Hits [R, W] of runs given as image indices: support [R, W], queries [R, W], answers [R, W]."""
-    logits = model.score_embeddings(embeddings[queries][:, :, None], embeddings[support][:, None]).float()
-    return logits.argmax(-1).cpu() == answers
+def run_hits(model: SiameseNetwork, embeddings: torch.Tensor, episodes: Episodes, runs: int) -> torch.Tensor:
+    """Hits [R, W] of ``runs`` runs laid out as :func:`run_episodes` lays them out."""
+    return (episode_logits(model, embeddings, episodes).argmax(1) == episodes.answers).view(runs, -1)
 
 
 def other_drawer_pairs(
@@ -119,7 +120,7 @@ def other_drawer_pairs(
     first = class_start[images.labels[design.training]]  # [R, W]: each run's characters, in training order
     answers = torch.arange(first.shape[1]).expand_as(first)
     pairs = [(a, b) for a in design.drawers for b in design.drawers if a != b]
-    hits = [_correct(model, embeddings, first + a, first + b, answers) for a, b in pairs]
+    hits = [run_hits(model, embeddings, run_episodes(first + a, first + b, answers), len(first)) for a, b in pairs]
     accuracy = torch.stack([h.float().mean(1) for h in hits], 1)
     own = (torch.tensor(pairs)[None] == design.pairs[:, None]).all(-1)  # [R, P]
     return accuracy.masked_fill(own, torch.nan)
@@ -130,8 +131,7 @@ def design_subset(images: so.ImageSet, design: RunDesign) -> so.ImageSet:
     chosen = [g for g, name in enumerate(images.group_names) if name in design.alphabets]
     classes = torch.nonzero(torch.isin(images.class_groups, torch.tensor(chosen))).flatten()
     subset = images.subset_classes(classes)
-    class_start, _ = subset.class_ranges()
-    drawer = torch.arange(len(subset)) - class_start[subset.labels]
+    drawer = drawer_of(subset, torch.arange(len(subset)))
     return subset.subset_images(torch.isin(drawer, torch.tensor(design.drawers)))
 
 
@@ -140,8 +140,7 @@ def fresh_runs(
 ) -> dict:
     """Accuracy on ``runs`` fresh drawer runs of ``images``, with an interval from resampling whole runs."""
     embeddings = embed_pixels(model, images.pixels, device)
-    episodes = sample_drawer_runs(images, runs, seed, way)
-    correct = (episode_logits(model, embeddings, episodes).argmax(1) == episodes.answers).view(runs, way)
+    correct = run_hits(model, embeddings, sample_drawer_runs(images, runs, seed, way), runs)
     low, high = run_bootstrap(correct, seed=seed)
     return {"accuracy": float(correct.float().mean()), "run_ci": [low, high], "trials": correct.numel()}
 
@@ -153,7 +152,7 @@ def compare(
     model = so.Verifier.from_checkpoint(checkpoint, device).model
     design = locate_runs(runs, evaluation)
     embeddings = embed_pixels(model, evaluation.pixels, device)
-    official = _correct(model, embeddings, design.training, design.test, design.answers)
+    official = run_hits(model, embeddings, run_episodes(design.training, design.test, design.answers), len(design.test))
     way = design.training.shape[1]
     return {
         "alphabets": list(design.alphabets),

@@ -76,11 +76,18 @@ def sample_drawer_runs(images: ImageSet, runs: int, seed: int, way: int = 20) ->
     pair = torch.rand(runs, drawers, generator=generator).argsort(1)[:, :2]  # support drawer, query drawer
     support = class_start[classes] + pair[:, :1]  # [runs, way]
     queries = class_start[classes] + pair[:, 1:]  # [runs, way]
-    trials = torch.arange(way).expand(runs, way)
+    return run_episodes(support, queries, torch.arange(way).expand(runs, way))
+
+
+def run_episodes(support: torch.Tensor, queries: torch.Tensor, answers: torch.Tensor) -> Episodes:
+    """Runs in Lake et al.'s layout as 1-shot episodes: image indices ``support`` [R, W] and ``queries`` [R, W],
+    ``answers`` [R, W] the support position of each query's class; each query is scored against its run's support.
+    Trial ``r × W + i`` is query i of run r."""
+    runs, way = support.shape
     return Episodes(
-        support=support[:, None, :, None].expand(runs, way, way, 1).flatten(0, 1),
+        support=support[:, None, :, None].expand(runs, queries.shape[1], way, 1).flatten(0, 1),
         queries=queries.flatten(),
-        answers=trials.flatten(),
+        answers=answers.flatten(),
     )
 
 

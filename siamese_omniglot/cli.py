@@ -256,6 +256,11 @@ def train(
     one_shot = "" if best.val_one_shot is None else f"val 1-shot {best.val_one_shot:.4f}, "
     out.print(f"best checkpoint: {result.best_checkpoint} ({one_shot}val ROC AUC {best.val_roc_auc:.4f}, "
               f"val accuracy {best.val_accuracy:.4f} at threshold {best.threshold:.3f})", markup=False, highlight=False)
+    if result.best_with_views is not None:
+        views, val = trainer.model.config.views, result.best_with_views
+        one_shot = "" if val.one_shot is None else f"val 1-shot {val.one_shot:.4f}, "
+        out.print(f"with {views} views per image: {one_shot}val ROC AUC {val.pairs.roc_auc:.4f}, val accuracy "
+                  f"{val.pairs.accuracy:.4f} at threshold {val.pairs.threshold:.3f}", markup=False, highlight=False)
     out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
     if trainer.step < trainer.total_steps:
         out.print(f"paused at step {trainer.step} of {trainer.total_steps}; continue with: siamese train --resume "

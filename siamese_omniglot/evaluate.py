@@ -25,14 +25,19 @@ from .models import SiameseNetwork
 
 @torch.no_grad()
 def embed_pixels(
-    model: SiameseNetwork, pixels: torch.Tensor, device: torch.device, batch_size: int = 128
+    model: SiameseNetwork,
+    pixels: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 128,
+    views: int | None = None,
 ) -> torch.Tensor:
-    """Embeddings [N, D] (float32, on ``device``) of uint8 images [N, H, W], in eval mode."""
+    """Embeddings [N, D] (float32, on ``device``) of uint8 images [N, H, W], in eval mode, each averaged over
+    ``views`` shifted views (default: the model's own)."""
     was_training = model.training
     model.eval()
     try:
         parts = [
-            model.embed(to_ink(chunk.to(device, non_blocking=True))).float()
+            model.embed(to_ink(chunk.to(device, non_blocking=True)), views).float()
             for chunk in pixels.split(batch_size)
         ]
     finally:

@@ -3,7 +3,7 @@
 Two files, so that a gallery is embedded once and each new image costs one embedding:
 
 - ``embedding.onnx``: ``pixels`` uint8 [batch, 105, 105] (the canvas of ``Verifier.pixels``, 255 = paper)
-  → ``embeddings`` float32 [batch, D]. The ink conversion and the model's resize are inside the graph.
+  → ``embeddings`` float32 [batch, D]. The ink conversion, the model's resize and its views are inside the graph.
 - ``scorer.onnx``: ``first``, ``second`` float32 [batch, D] → ``logits`` and ``scores`` (the sigmoid of the
   logits) float32 [batch]; two images show the same character when ``scores ≥ threshold``.
 
@@ -13,6 +13,7 @@ Exporting needs the ``onnx`` extra (``pip install 'siamese-omniglot[onnx]'``): `
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import warnings
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
@@ -82,22 +82,20 @@ def area_matrix(in_px: int, out_px: int) -> torch.Tensor:
 
 
 class PixelEmbedding(nn.Module):
-    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, then the model's ``Embedding`` with its
-    area resize written as two matrix products."""
+    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, then the model's ``Embedding`` (its views
+    included) with its area resize written as two matrix products."""
 
     def __init__(self, model: SiameseNetwork, canvas_px: int = CANVAS_PX) -> None:
         super().__init__()
-        embedding = model.embedding
-        self.backbone, self.normalize = embedding.backbone, embedding.normalize
-        resize = area_matrix(canvas_px, embedding.input_px) if embedding.input_px != canvas_px else None
-        self.register_buffer("resize", resize)
+        self.embedding = model.embedding
+        input_px = self.embedding.input_px
+        self.register_buffer("resize", area_matrix(canvas_px, input_px) if input_px != canvas_px else None)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         ink = (255 - pixels.float()).div(255).unsqueeze(1)
         if self.resize is not None:
             ink = self.resize @ ink @ self.resize.T
-        vectors = self.backbone(ink)
-        return F.normalize(vectors, dim=1) if self.normalize else vectors
+        return self.embedding.at_input_size(ink)
 
 
 class PairScorer(nn.Module):
@@ -209,10 +207,7 @@ def export_onnx(
 
 def _cpu_copy(model: SiameseNetwork) -> SiameseNetwork:
     """A float32 CPU copy in eval mode (the caller's model stays where it is)."""
-    copy = SiameseNetwork(model.config)
-    copy.load_state_dict({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                          for k, v in model.state_dict().items()})
-    return copy.eval()
+    return copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:

@@ -12,6 +12,7 @@ computes them again.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import zipfile
 from collections.abc import Callable
@@ -20,7 +21,6 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from torch import nn
 
 from .data.images import IMAGE_SUFFIXES, decode_image
 from .errors import DataError
@@ -112,9 +112,9 @@ def scan_support(folder: str | Path) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's weights and buffers (names, dtypes, shapes, values)."""
-    digest = hashlib.sha256()
+def model_fingerprint(model: SiameseNetwork) -> str:
+    """SHA-256 of a model's config (views included) and its weights and buffers (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}\0{value.dtype}\0{tuple(value.shape)}\n".encode())

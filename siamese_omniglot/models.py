@@ -11,6 +11,9 @@ Backbones:
   Recognition": four conv layers, a 4,096-unit sigmoid embedding, a weighted L1 head.
 - ``fast``: a few 3 × 3 conv + batch-norm blocks at a reduced resolution (the 4-block design of
   few-shot learning papers), trained in minutes on two CPU cores.
+
+Outside training, a model may embed each image as the average of several *views*, the image shifted by one
+pixel at the backbone's input size (test-time augmentation, ``ModelConfig.views``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class ModelConfig:
     normalize: bool = False  # L2-normalise embeddings (embedding objective)
     batch_norm: bool = True  # fast backbone: batch norm after each conv (off: exact multi-process equivalence)
     final_pool: bool = True  # fast backbone: max-pool after the last block too (off: keep its finer feature map)
+    views: int = 1  # outside training, average embeddings over this many shifted views (see VIEW_SHIFTS)
 
     def to_dict(self) -> dict:
         """Plain dict for checkpoints and JSON."""
@@ -51,6 +55,23 @@ class ModelConfig:
         if unknown:
             raise CheckpointError(f"unknown model settings {sorted(unknown)}: checkpoint from a newer version?")
         return cls(**values)
+
+
+# Views by count: (dx, dy) shifts in pixels at the backbone's input size, the unshifted image first.
+VIEW_SHIFTS: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((0, 0),),
+    5: ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)),
+    9: ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)),
+}
+
+
+def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Move [N, C, H, W] images ``dx`` pixels right and ``dy`` down, filling with zeros (no ink)."""
+    if dx == dy == 0:
+        return images
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1))
+    return padded[..., 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
 
 
 def resize_to(images: torch.Tensor, size_px: int) -> torch.Tensor:
@@ -147,17 +168,33 @@ def _backbone(config: ModelConfig, pretrained: bool) -> nn.Module:
 
 
 class Embedding(nn.Module):
-    """The shared twin: resize to the backbone's input, run it, optionally L2-normalise."""
+    """The shared twin: resize to the backbone's input, run it, optionally L2-normalise.
+
+    Outside training it averages ``views`` shifted views of each image (re-normalised when ``normalize``);
+    ``forward(images, views=1)`` asks for a single view.
+    """
 
     def __init__(self, config: ModelConfig, pretrained: bool = False) -> None:
         super().__init__()
+        if config.views not in VIEW_SHIFTS:
+            raise ConfigError(f"views={config.views!r}: choose one of {', '.join(map(str, VIEW_SHIFTS))}")
         self.backbone = _backbone(config, pretrained)
         self.input_px = config.input_px
         self.normalize = config.normalize
+        self.views = config.views
         self.dim = self.backbone.dim
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        vectors = self.backbone(resize_to(images, self.input_px))
+    def forward(self, images: torch.Tensor, views: int | None = None) -> torch.Tensor:
+        return self.at_input_size(resize_to(images, self.input_px), views)
+
+    def at_input_size(self, images: torch.Tensor, views: int | None = None) -> torch.Tensor:
+        """``forward`` for images already at the backbone's input size."""
+        shifts = VIEW_SHIFTS[1 if self.training else views or self.views]
+        vectors = sum(self._one_view(shift(images, dx, dy)) for dx, dy in shifts) / len(shifts)
+        return F.normalize(vectors, dim=1) if self.normalize and len(shifts) > 1 else vectors
+
+    def _one_view(self, images: torch.Tensor) -> torch.Tensor:
+        vectors = self.backbone(images)
         return F.normalize(vectors, dim=1) if self.normalize else vectors
 
 
@@ -180,9 +217,12 @@ class SiameseNetwork(nn.Module):
         """Length of the vectors :meth:`embed` returns."""
         return self.embedding.dim
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Embed ink images [N, 1, H, W] of any size into vectors [N, embedding_dim]."""
-        return self.embedding(images)
+    def embed(self, images: torch.Tensor, views: int | None = None) -> torch.Tensor:
+        """Embed ink images [N, 1, H, W] of any size into vectors [N, embedding_dim].
+
+        Outside training each vector averages ``views`` shifted views (default: ``config.views``).
+        """
+        return self.embedding(images, views)
 
     def score_embeddings(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """Same-class logits [N] for pairs of embeddings [N, D] (broadcasting allowed)."""
@@ -195,7 +235,7 @@ class SiameseNetwork(nn.Module):
 
 
 BACKBONES = {
-    "fast": ModelConfig(backbone="fast", input_px=28, width=64, blocks=4, normalize=True, final_pool=False),
+    "fast": ModelConfig(backbone="fast", input_px=28, width=64, blocks=4, normalize=True, final_pool=False, views=5),
     "koch": ModelConfig(backbone="koch", input_px=105),
     "vgg16": ModelConfig(backbone="vgg16", input_px=105),
 }

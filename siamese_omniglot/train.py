@@ -15,6 +15,9 @@ After every epoch the decision threshold is calibrated on those pairs and the mo
 a second, fixed list of validation pairs and on fixed 1-shot trials among the held-out classes (20-way
 within an alphabet, or as many ways as the held-out groups allow). ``best.pt`` keeps the epoch with the
 highest one-shot accuracy, ROC AUC breaking ties (ROC AUC alone where the held-out classes form no trials).
+These validations embed each image once; for a model that averages several views at inference
+(``ModelConfig.views``), ``best.pt`` and ``last.pt`` are calibrated and measured again with its views when the run
+ends.
 """
 
 from __future__ import annotations
@@ -123,12 +126,14 @@ def validation_episodes(images: ImageSet, trials: int, seed: int, most_ways: int
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where a finished run left its files, and its per-epoch metrics."""
+    """Where a finished run left its files, its per-epoch metrics and, once calibrated for several views at the
+    end of the run, ``best.pt``'s validation with them."""
 
     out_dir: Path
     best_checkpoint: Path
     last_checkpoint: Path
     history: tuple[EpochMetrics, ...]
+    best_with_views: Validation | None = None
 
 
 def default_out_dir() -> Path:
@@ -154,6 +159,15 @@ def resume_config(checkpoint: str | Path, epochs: int | None = None, max_steps: 
         raise CheckpointError(f"{checkpoint}: holds no training settings; cannot resume from it")
     config = TrainConfig.from_dict(state["train_config"])
     return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps)
+
+
+def _write_checkpoint(state: dict, path: Path) -> None:
+    try:
+        save_checkpoint(state, path)
+    except OSError as error:  # disk full, folder gone or read-only: the file it replaces is intact
+        raise OutputError(
+            f"{path}: cannot write ({error.strerror or error}); the checkpoint already there is intact"
+        ) from None
 
 
 def warm_cosine(step: int, total: int, warmup_fraction: float, min_fraction: float) -> float:
@@ -337,7 +351,14 @@ class Trainer:
             self._run_epoch()
         if not self.history:
             raise TrainingError("nothing to train: the run already reached its last step")
-        return TrainResult(self.out_dir, self.out_dir / "best.pt", self.out_dir / "last.pt", tuple(self.history))
+        best, last = self.out_dir / "best.pt", self.out_dir / "last.pt"
+        best_with_views = None
+        if self.model.config.views > 1 and self.step >= self.total_steps:
+            if self.dist.is_main:
+                best_with_views = self._calibrate_views(best)
+                self._calibrate_views(last)
+            self.dist.barrier()
+        return TrainResult(self.out_dir, best, last, tuple(self.history), best_with_views)
 
     def _run_epoch(self) -> None:
         config = self.config
@@ -441,25 +462,42 @@ class Trainer:
 
     # --- validation, checkpoints, logs ---------------------------------------------------------------
 
-    def validate(self) -> Validation:
-        """Calibrate (head for ``classify``, threshold always) on calibration pairs; measure on val pairs and trials."""
-        embeddings = embed_pixels(self.model, self.val_set.pixels, self.device)
+    def validate(self, views: int | None = None, model: SiameseNetwork | None = None) -> Validation:
+        """Calibrate (head for ``classify``, threshold always) on calibration pairs; measure on val pairs and trials.
+
+        Args:
+            views: embed each image as the average of this many views (default: the model's own).
+            model: the model to calibrate and measure (default: the one in training).
+        """
+        model = model or self.model
+        embeddings = embed_pixels(model, self.val_set.pixels, self.device, views=views)
         if self.classifier is not None:
-            calibrate_head(self.model, embeddings, self.calibration_pairs)
-        calibration = torch.sigmoid(pair_logits(self.model, embeddings, self.calibration_pairs))
+            calibrate_head(model, embeddings, self.calibration_pairs)
+        calibration = torch.sigmoid(pair_logits(model, embeddings, self.calibration_pairs))
         threshold = best_threshold(calibration, self.calibration_pairs.same)
-        pairs = pair_metrics(pair_logits(self.model, embeddings, self.val_pairs), self.val_pairs.same, threshold)
+        pairs = pair_metrics(pair_logits(model, embeddings, self.val_pairs), self.val_pairs.same, threshold)
         episodes = self.val_episodes
-        one_shot = None if episodes is None else one_shot_accuracy(self.model, embeddings, episodes).accuracy
+        one_shot = None if episodes is None else one_shot_accuracy(model, embeddings, episodes).accuracy
         return Validation(pairs, one_shot)
 
     def save_snapshot(self, path: str | Path) -> Path:
-        """Validate now and save a checkpoint of the current state to ``path`` (outside the best/last pair)."""
+        """Validate now (with the model's views) and save a checkpoint of the current state to ``path`` (outside
+        the best/last pair)."""
         return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(self.generator_state)), path)
+
+    def _calibrate_views(self, path: Path) -> Validation:
+        """Recalibrate a checkpoint's head and threshold for the model's views, and record that validation."""
+        state = load_checkpoint(path, map_location=self.device)
+        model = SiameseNetwork(self.model.config).to(self.device)
+        model.load_state_dict(state["model"])
+        val = self.validate(model=model)
+        state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict())
+        _write_checkpoint(state, path)
+        return val
 
     def _end_epoch(self, train_loss: float, images_per_s: float, seconds: float) -> None:
         generators = self.dist.gather_objects(self.generator_state)  # collective: every rank takes part
-        val = self.validate() if self.dist.is_main else None
+        val = self.validate(views=1) if self.dist.is_main else None
         val = self.dist.broadcast_object(val)
         # rank 0 calibrated the head and holds the batch-norm statistics the checkpoint records
         self.dist.broadcast([*self.model.head.parameters(), *self.model.buffers()])
@@ -486,12 +524,7 @@ class Trainer:
             state = self._state(val, generators)
             # last.pt first: a crash between the two saves is repaired on resume (see _repair_best)
             for path in [self.out_dir / "last.pt"] + ([self.out_dir / "best.pt"] if improved else []):
-                try:
-                    save_checkpoint(state, path)
-                except OSError as error:  # disk full, folder gone or read-only: the file it replaces is intact
-                    raise OutputError(
-                        f"{path}: cannot write ({error.strerror or error}); the checkpoint already there is intact"
-                    ) from None
+                _write_checkpoint(state, path)
             try:
                 self._write_logs()
             except OSError as error:

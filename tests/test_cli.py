@@ -86,8 +86,13 @@ def test_train_writes_a_run(trained: tuple[subprocess.CompletedProcess, Path]) -
     assert "step 20/20 epoch 1: loss" in result.stderr
     assert "epoch 1 step 20: train loss" in result.stderr
     # whole lines, so that scripts can read them: the paths verbatim and no wrapping at the pipe's width
-    best_line, last_line = result.stdout.splitlines()
+    best_line, views_line, last_line = result.stdout.splitlines()
     assert best_line.startswith(f"best checkpoint: {out / 'best.pt'} (val 1-shot 0.")
+    metrics = torch.load(out / "best.pt", weights_only=True)["metrics"]  # calibrated for 5 views at the end
+    assert views_line == (
+        f"with 5 views per image: val 1-shot {metrics['one_shot']:.4f}, val ROC AUC {metrics['roc_auc']:.4f}, "
+        f"val accuracy {metrics['accuracy']:.4f} at threshold {metrics['threshold']:.3f}"
+    )
     assert last_line == f"last checkpoint: {out / 'last.pt'}"
 
 

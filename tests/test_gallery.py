@@ -174,6 +174,20 @@ def test_the_cache_is_keyed_by_the_model(verifier: Verifier, tiny_checkpoint: Pa
     assert not torch.allclose(theirs.embeddings, ours.embeddings)
 
 
+def test_the_cache_is_keyed_by_the_views(verifier: Verifier, tiny_checkpoint: Path, alphabet: Path,
+                                        tmp_path: Path) -> None:
+    """Same weights, other views: other embeddings, so another cache entry."""
+    support_dir = one_shot_support(alphabet, tmp_path / "support")
+    ours = verifier.load_support(support_dir)
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    views = state["model_config"]["views"]
+    state["model_config"]["views"] = 9 if views == 5 else 5
+    torch.save(state, tmp_path / "other-views.pt")
+    theirs = Verifier.from_checkpoint(tmp_path / "other-views.pt", "cpu").load_support(support_dir)
+    assert not theirs.from_cache and theirs.cache_path != ours.cache_path
+    assert not torch.allclose(theirs.embeddings, ours.embeddings)
+
+
 def test_an_unreadable_cache_is_recomputed(
     verifier: Verifier, alphabet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

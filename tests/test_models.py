@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from siamese_omniglot.errors import CheckpointError, ConfigError
-from siamese_omniglot.models import BACKBONES, ModelConfig, SiameseNetwork, build_model
+from siamese_omniglot.models import (
+    BACKBONES,
+    VIEW_SHIFTS,
+    ModelConfig,
+    SiameseNetwork,
+    build_model,
+    shift,
+)
 
 EMBEDDING_DIMS = {"fast": 576, "koch": 4096, "vgg16": 4608}
 
@@ -124,7 +131,7 @@ def test_fast_overrides_set_the_embedding_size(
     input_px: int, width: int, blocks: int, final_pool: bool, dim: int
 ) -> None:
     model = build_model("fast", input_px=input_px, width=width, blocks=blocks, final_pool=final_pool).eval()
-    assert model.config == ModelConfig("fast", input_px, width, blocks, normalize=True, final_pool=final_pool)
+    assert model.config == ModelConfig("fast", input_px, width, blocks, True, final_pool=final_pool, views=5)
     assert model.embedding_dim == dim
     with torch.no_grad():
         assert model.embed(ink(2, 105)).shape == (2, dim)
@@ -135,6 +142,43 @@ def test_fast_overrides_set_the_embedding_size(
 )
 def test_model_config_round_trip(config: ModelConfig) -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_shift_moves_ink_one_pixel_without_wrapping() -> None:
+    image = torch.zeros(1, 1, 4, 4)
+    image[0, 0, 1, 3] = 1.0  # row 1, last column
+    assert shift(image, 1, 0).sum() == 0  # pushed off the right edge, not wrapped to the left
+    assert shift(image, -1, 0)[0, 0, 1, 2] == 1.0 and shift(image, -1, 0).sum() == 1
+    assert shift(image, 0, 1)[0, 0, 2, 3] == 1.0 and shift(image, 0, -1)[0, 0, 0, 3] == 1.0
+    assert shift(image, 0, 0) is image
+
+
+@pytest.mark.parametrize("views", [5, 9])
+def test_eval_embeddings_average_the_shifted_views(views: int) -> None:
+    torch.manual_seed(0)
+    model = build_model("fast", views=views).eval()
+    images = ink(3, 28)
+    with torch.no_grad():
+        singles = [model.embed(shift(images, dx, dy), views=1) for dx, dy in VIEW_SHIFTS[views]]
+        expected = F.normalize(torch.stack(singles).mean(0), dim=1)
+        torch.testing.assert_close(model.embed(images), expected)
+        torch.testing.assert_close(model.embed(images, views=1), singles[0])
+        assert not torch.allclose(model.embed(images), singles[0], atol=1e-3)
+        model.train()  # training embeds one view: the loss sees each distorted image once
+        torch.testing.assert_close(model.embed(images), model.embed(images, views=1))
+
+
+@pytest.mark.parametrize("views", [0, 2, 4])
+def test_unsupported_view_counts_are_a_config_error(views: int) -> None:
+    with pytest.raises(ConfigError, match="views=.*choose one of 1, 5, 9"):
+        build_model("fast", views=views)
+
+
+def test_configs_without_views_are_single_view() -> None:
+    """Checkpoints written before views existed embed as they did."""
+    values = BACKBONES["fast"].to_dict()
+    del values["views"]
+    assert ModelConfig.from_dict(values).views == 1
 
 
 def test_model_config_with_unknown_keys_is_a_checkpoint_error() -> None:

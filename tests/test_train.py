@@ -19,7 +19,7 @@ from siamese_omniglot.config import TrainConfig, preset
 from siamese_omniglot.data import ImageSet, load_folder, seeded_generator
 from siamese_omniglot.data.augment import random_distortion
 from siamese_omniglot.errors import CheckpointError, ConfigError, OutputError, TrainingError
-from siamese_omniglot.evaluate import embed_pixels, roc_auc
+from siamese_omniglot.evaluate import embed_pixels, one_shot_accuracy, roc_auc
 from siamese_omniglot.models import ModelConfig, SiameseNetwork
 from siamese_omniglot.train import (
     EpochMetrics,
@@ -112,10 +112,32 @@ def test_checkpoints_load_with_weights_only(classify_run: dict, name: str) -> No
     best = max(history, key=lambda m: (m.val_one_shot, m.val_roc_auc))
     saved = best if name == "best.pt" else history[-1]
     assert state["training"]["step"] == saved.step
-    assert state["threshold"] == saved.threshold
-    assert state["metrics"]["roc_auc"] == saved.val_roc_auc
-    assert state["metrics"]["one_shot"] == saved.val_one_shot
+    assert state["threshold"] == state["metrics"]["threshold"]
     assert state["train_config"] == classify_run["config"].to_dict()
+
+
+def test_a_finished_run_calibrates_its_checkpoints_for_the_models_views(classify_run: dict) -> None:
+    """Epochs are validated on one view per image (cheap), the final checkpoints on the model's five."""
+    trainer, result = classify_run["trainer"], classify_run["result"]
+    state = torch.load(classify_run["out"] / "best.pt", map_location="cpu", weights_only=True)
+    assert state["model_config"]["views"] == 5
+    assert state["metrics"] == result.best_with_views.to_dict()
+    assert state["threshold"] == result.best_with_views.pairs.threshold
+    model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    best = max(result.history, key=lambda m: (m.val_one_shot, m.val_roc_auc))
+    for views, expected in [(1, best.val_one_shot), (None, state["metrics"]["one_shot"])]:
+        embeddings = embed_pixels(model, trainer.val_set.pixels, CPU, views=views)
+        assert one_shot_accuracy(model, embeddings, trainer.val_episodes).accuracy == expected
+
+
+def test_a_paused_run_is_not_calibrated_for_views(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=8, batch_size=16, val_pairs=50)
+    trainer = Trainer(config, small, tmp_path, CPU)
+    result = trainer.fit(stop_after=5)
+    assert result.best_with_views is None
+    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert state["threshold"] == result.history[-1].threshold
 
 
 def test_validation_trials_are_within_the_held_out_alphabet(classify_run: dict) -> None:
@@ -185,7 +207,7 @@ def test_wide_preset_trains_the_fast_network_with_more_channels(small: ImageSet,
     config = preset("wide", max_steps=2, batch_size=16, val_pairs=50)
     result = Trainer(config, small, tmp_path / "run", CPU).fit()
     state = torch.load(result.best_checkpoint, weights_only=True)
-    wide = ModelConfig(backbone="fast", input_px=28, width=128, blocks=4, normalize=True, final_pool=False)
+    wide = ModelConfig("fast", input_px=28, width=128, blocks=4, normalize=True, final_pool=False, views=5)
     assert state["model_config"] == wide.to_dict()
     assert state["model"]["head.weight"].shape == (1, 128 * 3 * 3)
 

@@ -45,7 +45,7 @@ from .errors import (
 from .evaluate import OneShotResult, PairMetrics, lake_runs_accuracy, one_shot_accuracy, pair_metrics
 from .export import OnnxExport, export_onnx
 from .gallery import Classification, Match, Support
-from .models import ModelConfig, SiameseNetwork, build_model
+from .models import ModelConfig, SiameseNetwork, build_model, fold_batch_norm
 from .train import EpochMetrics, Trainer, TrainResult
 from .verify import Comparison, Verifier, default_checkpoint
 
@@ -83,6 +83,7 @@ __all__ = [
     "build_model",
     "default_checkpoint",
     "export_onnx",
+    "fold_batch_norm",
     "lake_runs_accuracy",
     "load_checkpoint",
     "load_evaluation_set",

@@ -15,7 +15,7 @@ from .data.images import fit_to_canvas, read_image
 from .errors import CheckpointError, ConfigError, SiameseError
 from .evaluate import embed_pixels
 from .gallery import Classification, Support, class_scores, load_support, model_fingerprint, rank_classes
-from .models import ModelConfig, SiameseNetwork
+from .models import ModelConfig, SiameseNetwork, fold_batch_norm
 
 ImageLike = str | Path | np.ndarray | torch.Tensor
 
@@ -66,7 +66,8 @@ class Verifier:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Verifier:
-        """Load a checkpoint written by training (weights are loaded safely, no code runs)."""
+        """Load a checkpoint written by training (weights are loaded safely, no code runs), its batch norms
+        folded into the convolutions for inference (see :func:`~siamese_omniglot.models.fold_batch_norm`)."""
         device = devices.resolve_device(device) if isinstance(device, str) else device
         state = load_checkpoint(path)
         try:
@@ -78,7 +79,7 @@ class Verifier:
         except RuntimeError as error:
             reason = str(error).splitlines()[0]
             raise CheckpointError(f"{path}: weights do not fit its model config ({reason})") from None
-        return cls(model, float(state["threshold"]), device)
+        return cls(fold_batch_norm(model), float(state["threshold"]), device)
 
     def pixels(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:
         """Decode paths (or take uint8 arrays [H, W] or batches [N, H, W]) into canvas images [N, H, W]."""

@@ -14,6 +14,7 @@ from siamese_omniglot.models import (
     ModelConfig,
     SiameseNetwork,
     build_model,
+    fold_batch_norm,
     shift,
 )
 
@@ -179,6 +180,23 @@ def test_configs_without_views_are_single_view() -> None:
     values = BACKBONES["fast"].to_dict()
     del values["views"]
     assert ModelConfig.from_dict(values).views == 1
+
+
+def test_folding_batch_norm_keeps_the_eval_outputs() -> None:
+    torch.manual_seed(0)
+    model = build_model("fast")
+    with torch.no_grad():  # batch norms with statistics and affine parameters far from the identity
+        for norm in [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]:
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2), norm.bias.uniform_(-1, 1)
+    model.eval()
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4  # the original is left alone
+    first, second = ink(4, 105, seed=1), ink(4, 105, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.embed(first), model.embed(first), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(folded(first, second), model(first, second), atol=1e-4, rtol=1e-4)
 
 
 def test_model_config_with_unknown_keys_is_a_checkpoint_error() -> None:

@@ -45,6 +45,7 @@ class TrainConfig:
     input_px: int | None = None  # model input size (None: the backbone's default)
     batch_norm: bool | None = None  # fast backbone only (None: on)
     width: int | None = None  # fast backbone only: channels of every block (None: the backbone's 64)
+    views: int | None = None  # shifted views averaged per embedding outside training: 1, 5 or 9 (None: backbone's)
     log_every: int = 50  # steps between progress reports (the only host syncs)
 
     def __post_init__(self) -> None:
@@ -74,7 +75,7 @@ class TrainConfig:
 
     def model_overrides(self) -> dict:
         """The ModelConfig settings this config changes from the backbone's defaults."""
-        values = {"input_px": self.input_px, "batch_norm": self.batch_norm, "width": self.width}
+        values = {"input_px": self.input_px, "batch_norm": self.batch_norm, "width": self.width, "views": self.views}
         return {name: value for name, value in values.items() if value is not None}
 
     @classmethod
@@ -89,7 +90,7 @@ class TrainConfig:
 
 # Settings added after checkpoints were first written, with the value that reproduces the training of a
 # checkpoint that lacks them.
-ADDED_SINCE: dict[str, object] = {"elastic": 0.0}
+ADDED_SINCE: dict[str, object] = {"elastic": 0.0, "views": 1}
 
 PRESETS: dict[str, TrainConfig] = {
     # Fast CPU default: a 4-block conv net at 28 × 28 (no pool after the last block: a 3 × 3 × 64 embedding)

@@ -4,9 +4,9 @@ A support folder holds one folder of images per class, ``DIR/<class>/<image>``, 
 ``DIR/<class>.png``; both may be mixed. A query goes to the classes whose support images score highest
 (the mean logit over a class's images, as in the N-way K-shot protocol of :mod:`.evaluate`).
 
-The support embeddings are cached in ``DIR/.siamese-cache/``, keyed by the model's weights and by the
-names and bytes of the support images: adding, removing or changing an image, or using another model,
-computes them again.
+The support embeddings are cached in ``DIR/.siamese-cache/``, keyed by the model (its config, views
+included, and weights) and by the names and bytes of the support images: adding, removing or changing an
+image, or using another model, computes them again.
 """
 
 from __future__ import annotations

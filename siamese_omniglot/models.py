@@ -68,6 +68,13 @@ VIEW_SHIFTS: dict[int, tuple[tuple[int, int], ...]] = {
 }
 
 
+def check_views(views: int) -> int:
+    """``views`` when it is a supported view count (see ``VIEW_SHIFTS``); else a ConfigError."""
+    if views not in VIEW_SHIFTS:
+        raise ConfigError(f"views={views!r}: choose one of {', '.join(map(str, VIEW_SHIFTS))}")
+    return views
+
+
 def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """Move [N, C, H, W] images ``dx`` pixels right and ``dy`` down, filling with zeros (no ink)."""
     if dx == dy == 0:
@@ -179,8 +186,7 @@ class Embedding(nn.Module):
 
     def __init__(self, config: ModelConfig, pretrained: bool = False) -> None:
         super().__init__()
-        if config.views not in VIEW_SHIFTS:
-            raise ConfigError(f"views={config.views!r}: choose one of {', '.join(map(str, VIEW_SHIFTS))}")
+        check_views(config.views)
         self.backbone = _backbone(config, pretrained)
         self.input_px = config.input_px
         self.normalize = config.normalize
@@ -192,9 +198,11 @@ class Embedding(nn.Module):
 
     def at_input_size(self, images: torch.Tensor, views: int | None = None) -> torch.Tensor:
         """``forward`` for images already at the backbone's input size."""
-        shifts = VIEW_SHIFTS[1 if self.training else views or self.views]
-        vectors = sum(self._one_view(shift(images, dx, dy)) for dx, dy in shifts) / len(shifts)
-        return F.normalize(vectors, dim=1) if self.normalize and len(shifts) > 1 else vectors
+        views = 1 if self.training else self.views if views is None else check_views(views)
+        if views == 1:
+            return self._one_view(images)
+        vectors = sum(self._one_view(shift(images, dx, dy)) for dx, dy in VIEW_SHIFTS[views]) / views
+        return F.normalize(vectors, dim=1) if self.normalize else vectors
 
     def _one_view(self, images: torch.Tensor) -> torch.Tensor:
         vectors = self.backbone(images)

@@ -17,7 +17,8 @@ within an alphabet, or as many ways as the held-out groups allow). ``best.pt`` k
 highest one-shot accuracy, ROC AUC breaking ties (ROC AUC alone where the held-out classes form no trials).
 These validations embed each image once; for a model that averages several views at inference
 (``ModelConfig.views``), ``best.pt`` and ``last.pt`` are calibrated and measured again with its views when the run
-ends.
+ends. Every checkpoint records the views its head and threshold were calibrated for (``calibrated_views``), and
+``Verifier.from_checkpoint`` embeds with those.
 """
 
 from __future__ import annotations
@@ -97,10 +98,12 @@ def selection_score(one_shot: float | None, roc_auc: float) -> tuple[float, floa
 
 @dataclass(frozen=True)
 class Validation:
-    """One validation: pair metrics on held-out classes and, where they form trials, 1-shot accuracy."""
+    """One validation: pair metrics on held-out classes and, where they form trials, 1-shot accuracy, with
+    embeddings averaged over ``views`` views (the threshold and head are calibrated for them)."""
 
     pairs: PairMetrics
     one_shot: float | None
+    views: int = 1
 
     @property
     def score(self) -> tuple[float, float]:
@@ -469,7 +472,8 @@ class Trainer:
             views: embed each image as the average of this many views (default: the model's own).
             model: the model to calibrate and measure (default: the one in training).
         """
-        model = model or self.model
+        model = model if model is not None else self.model
+        views = model.config.views if views is None else views
         embeddings = embed_pixels(model, self.val_set.pixels, self.device, views=views)
         if self.classifier is not None:
             calibrate_head(model, embeddings, self.calibration_pairs)
@@ -478,7 +482,7 @@ class Trainer:
         pairs = pair_metrics(pair_logits(model, embeddings, self.val_pairs), self.val_pairs.same, threshold)
         episodes = self.val_episodes
         one_shot = None if episodes is None else one_shot_accuracy(model, embeddings, episodes).accuracy
-        return Validation(pairs, one_shot)
+        return Validation(pairs, one_shot, views)
 
     def save_snapshot(self, path: str | Path) -> Path:
         """Validate now (with the model's views) and save a checkpoint of the current state to ``path`` (outside
@@ -491,7 +495,10 @@ class Trainer:
         model = SiameseNetwork(self.model.config).to(self.device)
         model.load_state_dict(state["model"])
         val = self.validate(model=model)
-        state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict())
+        # "training" keeps the one-view selection score, which no longer matches these metrics: _repair_best, which
+        # looks for that match, leaves a calibrated best.pt alone
+        state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict(),
+                     calibrated_views=val.views)
         _write_checkpoint(state, path)
         return val
 
@@ -538,6 +545,7 @@ class Trainer:
             "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(),
             "threshold": val.pairs.threshold,
+            "calibrated_views": val.views,
             "train_config": self.config.to_dict(),
             "metrics": val.to_dict(),
             "classes": {"train": list(self.train_set.class_names), "val": list(self.val_set.class_names)},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -67,11 +67,16 @@ class Verifier:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Verifier:
         """Load a checkpoint written by training (weights are loaded safely, no code runs), its batch norms
-        folded into the convolutions for inference (see :func:`~siamese_omniglot.models.fold_batch_norm`)."""
+        folded into the convolutions for inference (see :func:`~siamese_omniglot.models.fold_batch_norm`).
+
+        The model embeds with the views its threshold was calibrated for: a checkpoint saved during training
+        (before the end of the run recalibrates it for the model's views) uses one view.
+        """
         device = devices.resolve_device(device) if isinstance(device, str) else device
         state = load_checkpoint(path)
         try:
-            model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
+            config = ModelConfig.from_dict(state["model_config"])
+            model = SiameseNetwork(replace(config, views=state.get("calibrated_views", config.views)))
         except (SiameseError, TypeError, ValueError) as error:  # another version's or a hand-made config
             raise CheckpointError(f"{path}: its model config cannot be built ({error})") from None
         try:
@@ -106,7 +111,7 @@ class Verifier:
 
     @cached_property
     def fingerprint(self) -> str:
-        """SHA-256 of the model's weights: the key of cached support embeddings."""
+        """SHA-256 of the model's config (views included) and weights: the key of cached support embeddings."""
         return model_fingerprint(self.model)
 
     def load_support(self, folder: str | Path, cache: bool = True) -> Support:

@@ -180,8 +180,8 @@ def test_the_cache_is_keyed_by_the_views(verifier: Verifier, tiny_checkpoint: Pa
     support_dir = one_shot_support(alphabet, tmp_path / "support")
     ours = verifier.load_support(support_dir)
     state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
-    views = state["model_config"]["views"]
-    state["model_config"]["views"] = 9 if views == 5 else 5
+    views = 9 if state["calibrated_views"] == 5 else 5
+    state["model_config"]["views"] = state["calibrated_views"] = views
     torch.save(state, tmp_path / "other-views.pt")
     theirs = Verifier.from_checkpoint(tmp_path / "other-views.pt", "cpu").load_support(support_dir)
     assert not theirs.from_cache and theirs.cache_path != ours.cache_path

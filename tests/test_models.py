@@ -173,6 +173,9 @@ def test_eval_embeddings_average_the_shifted_views(views: int) -> None:
 def test_unsupported_view_counts_are_a_config_error(views: int) -> None:
     with pytest.raises(ConfigError, match="views=.*choose one of 1, 5, 9"):
         build_model("fast", views=views)
+    model = build_model("fast").eval()
+    with pytest.raises(ConfigError, match="views=.*choose one of 1, 5, 9"), torch.no_grad():
+        model.embed(ink(1, 28), views=views)
 
 
 def test_configs_without_views_are_single_view() -> None:

@@ -19,7 +19,7 @@ from siamese_omniglot.config import TrainConfig, preset
 from siamese_omniglot.data import ImageSet, load_folder, seeded_generator
 from siamese_omniglot.data.augment import random_distortion
 from siamese_omniglot.errors import CheckpointError, ConfigError, OutputError, TrainingError
-from siamese_omniglot.evaluate import embed_pixels, one_shot_accuracy, roc_auc
+from siamese_omniglot.evaluate import best_threshold, embed_pixels, one_shot_accuracy, pair_logits, roc_auc
 from siamese_omniglot.models import ModelConfig, SiameseNetwork
 from siamese_omniglot.train import (
     EpochMetrics,
@@ -30,6 +30,7 @@ from siamese_omniglot.train import (
     validation_episodes,
     warm_cosine,
 )
+from siamese_omniglot.verify import Verifier
 
 CPU = torch.device("cpu")
 METRIC_KEYS = {
@@ -112,32 +113,49 @@ def test_checkpoints_load_with_weights_only(classify_run: dict, name: str) -> No
     best = max(history, key=lambda m: (m.val_one_shot, m.val_roc_auc))
     saved = best if name == "best.pt" else history[-1]
     assert state["training"]["step"] == saved.step
-    assert state["threshold"] == state["metrics"]["threshold"]
     assert state["train_config"] == classify_run["config"].to_dict()
 
 
-def test_a_finished_run_calibrates_its_checkpoints_for_the_models_views(classify_run: dict) -> None:
-    """Epochs are validated on one view per image (cheap), the final checkpoints on the model's five."""
-    trainer, result = classify_run["trainer"], classify_run["result"]
-    state = torch.load(classify_run["out"] / "best.pt", map_location="cpu", weights_only=True)
-    assert state["model_config"]["views"] == 5
-    assert state["metrics"] == result.best_with_views.to_dict()
-    assert state["threshold"] == result.best_with_views.pairs.threshold
+def calibrated_for(trainer: Trainer, path: Path, views: int) -> None:
+    """Assert that a checkpoint's head, threshold and metrics are those of a validation with ``views`` views."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["calibrated_views"] == views
     model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
-    best = max(result.history, key=lambda m: (m.val_one_shot, m.val_roc_auc))
-    for views, expected in [(1, best.val_one_shot), (None, state["metrics"]["one_shot"])]:
-        embeddings = embed_pixels(model, trainer.val_set.pixels, CPU, views=views)
-        assert one_shot_accuracy(model, embeddings, trainer.val_episodes).accuracy == expected
+    embeddings = embed_pixels(model, trainer.val_set.pixels, CPU, views=views)
+    assert one_shot_accuracy(model, embeddings, trainer.val_episodes).accuracy == state["metrics"]["one_shot"]
+    pairs = trainer.calibration_pairs
+    scores = torch.sigmoid(pair_logits(model, embeddings, pairs))
+    assert best_threshold(scores, pairs.same) == pytest.approx(state["threshold"], abs=1e-6)
+    assert Verifier.from_checkpoint(path, "cpu").model.config.views == views
 
 
-def test_a_paused_run_is_not_calibrated_for_views(small: ImageSet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_a_finished_run_calibrates_its_checkpoints_for_the_models_views(classify_run: dict, name: str) -> None:
+    """Epochs are validated on one view per image (cheap), the final checkpoints on the model's five."""
+    trainer, result = classify_run["trainer"], classify_run["result"]
+    calibrated_for(trainer, classify_run["out"] / name, 5)
+    history = result.history
+    saved = max(history, key=lambda m: (m.val_one_shot, m.val_roc_auc)) if name == "best.pt" else history[-1]
+    state = torch.load(classify_run["out"] / name, map_location="cpu", weights_only=True)
+    model = SiameseNetwork(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    embeddings = embed_pixels(model, trainer.val_set.pixels, CPU, views=1)  # what chose the epoch
+    assert one_shot_accuracy(model, embeddings, trainer.val_episodes).accuracy == saved.val_one_shot
+    if name == "best.pt":
+        assert state["metrics"] == result.best_with_views.to_dict()
+
+
+def test_a_paused_run_is_calibrated_for_views_when_resumed_to_its_end(small: ImageSet, tmp_path: Path) -> None:
     config = preset("fast", max_steps=8, batch_size=16, val_pairs=50)
-    trainer = Trainer(config, small, tmp_path, CPU)
-    result = trainer.fit(stop_after=5)
-    assert result.best_with_views is None
-    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
-    assert state["threshold"] == result.history[-1].threshold
+    paused = Trainer(config, small, tmp_path, CPU)
+    assert paused.fit(stop_after=5).best_with_views is None
+    calibrated_for(paused, tmp_path / "last.pt", 1)  # one view until the end: what its threshold was fitted for
+    resumed = Trainer(config, small, tmp_path, CPU)
+    result = resumed.fit(resume=tmp_path / "last.pt")
+    assert result.best_with_views is not None
+    for name in ("best.pt", "last.pt"):
+        calibrated_for(resumed, tmp_path / name, 5)
 
 
 def test_validation_trials_are_within_the_held_out_alphabet(classify_run: dict) -> None:
@@ -240,6 +258,22 @@ def test_a_checkpoint_from_before_elastic_distortion_resumes_without_it() -> Non
     del older["elastic"]
     assert TrainConfig.from_dict(older).elastic == 0.0  # as it was trained
     assert TrainConfig.from_dict(preset("fast").to_dict()) == preset("fast")
+
+
+def test_a_run_from_before_views_resumes_with_one_view(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=8, batch_size=16, val_pairs=50)
+    Trainer(config, small, tmp_path, CPU).fit(stop_after=5)
+    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    for written_before_views in (state["train_config"], state["model_config"]):
+        del written_before_views["views"]
+    del state["calibrated_views"]
+    torch.save(state, tmp_path / "last.pt")
+    older = TrainConfig.from_dict(state["train_config"])
+    assert older.views == 1
+    resumed = Trainer(older, small, tmp_path, CPU)
+    result = resumed.fit(resume=tmp_path / "last.pt")
+    assert resumed.model.config.views == 1 and result.best_with_views is None
+    assert Verifier.from_checkpoint(tmp_path / "last.pt", "cpu").model.config.views == 1
 
 
 def test_refuses_to_overwrite_a_run(classify_run: dict, small: ImageSet) -> None:

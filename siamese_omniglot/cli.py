@@ -111,6 +111,12 @@ def _truth(value: str | None, option: str) -> bool | None:
     raise ConfigError(f"{option} takes True or False, not {value!r}")
 
 
+def _validation_summary(one_shot: float | None, roc_auc: float, accuracy: float, threshold: float) -> str:
+    """One validation in the words of ``siamese train``'s closing lines."""
+    prefix = "" if one_shot is None else f"val 1-shot {one_shot:.4f}, "
+    return f"{prefix}val ROC AUC {roc_auc:.4f}, val accuracy {accuracy:.4f} at threshold {threshold:.3f}"
+
+
 @app.command()
 def train(
     preset_name: Annotated[
@@ -253,14 +259,12 @@ def train(
     if not context.is_main:
         return
     best = max(result.history, key=lambda m: m.score)
-    one_shot = "" if best.val_one_shot is None else f"val 1-shot {best.val_one_shot:.4f}, "
-    out.print(f"best checkpoint: {result.best_checkpoint} ({one_shot}val ROC AUC {best.val_roc_auc:.4f}, "
-              f"val accuracy {best.val_accuracy:.4f} at threshold {best.threshold:.3f})", markup=False, highlight=False)
+    summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
+    out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
     if result.best_with_views is not None:
-        views, val = trainer.model.config.views, result.best_with_views
-        one_shot = "" if val.one_shot is None else f"val 1-shot {val.one_shot:.4f}, "
-        out.print(f"with {views} views per image: {one_shot}val ROC AUC {val.pairs.roc_auc:.4f}, val accuracy "
-                  f"{val.pairs.accuracy:.4f} at threshold {val.pairs.threshold:.3f}", markup=False, highlight=False)
+        val = result.best_with_views
+        summary = _validation_summary(val.one_shot, val.pairs.roc_auc, val.pairs.accuracy, val.pairs.threshold)
+        out.print(f"with {val.views} views per image: {summary}", markup=False, highlight=False)
     out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
     if trainer.step < trainer.total_steps:
         out.print(f"paused at step {trainer.step} of {trainer.total_steps}; continue with: siamese train --resume "

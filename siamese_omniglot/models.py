@@ -257,12 +257,9 @@ def fold_batch_norm(model: SiameseNetwork) -> SiameseNetwork:
     outputs in eval mode (to float rounding) without a pass over every feature map per norm."""
     folded = copy.deepcopy(model).eval()
     for sequence in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
-        layers = list(sequence)
-        for i, (conv, norm) in enumerate(pairwise(layers)):
+        for i, (conv, norm) in enumerate(pairwise(list(sequence))):
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                layers[i], layers[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
-        for i, layer in enumerate(layers):
-            sequence[i] = layer
+                sequence[i], sequence[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
     return folded
 
 

@@ -103,7 +103,7 @@ class Validation:
 
     pairs: PairMetrics
     one_shot: float | None
-    views: int = 1
+    views: int
 
     @property
     def score(self) -> tuple[float, float]:

@@ -80,7 +80,7 @@ def test_insert_row_goes_under_its_heading(tmp_path):
 
 def test_throughput_benchmark_reports_sane_rates(mini_background):
     command = [sys.executable, str(BENCHMARKS / "throughput.py"), "--data", str(mini_background), "--device", "cpu",
-               "--batch-size", "16", "--warmup", "1", "--steps", "2", "--repeats", "1", "--json"]
+               "--batch-size", "16", "--warmup", "3", "--steps", "5", "--repeats", "3", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -39,12 +39,13 @@ class ModelConfig:
 
     backbone: str = "fast"
     input_px: int = 40
-    width: int = 64  # channels of the fast backbone's blocks
+    width: int = 64  # channels of the fast backbone's first block
     blocks: int = 4  # conv blocks of the fast backbone
     normalize: bool = False  # L2-normalise embeddings (embedding objective)
     batch_norm: bool = True  # fast backbone: batch norm after each conv (off: exact multi-process equivalence)
     final_pool: bool = True  # fast backbone: max-pool after the last block too (off: keep its finer feature map)
     views: int = 1  # outside training, average embeddings over this many shifted views (see VIEW_SHIFTS)
+    widen: int = 1  # fast backbone: each block has this many times the channels of the block before
 
     def to_dict(self) -> dict:
         """Plain dict for checkpoints and JSON."""
@@ -93,28 +94,38 @@ def resize_to(images: torch.Tensor, size_px: int) -> torch.Tensor:
 
 class FastEmbedding(nn.Module):
     """``blocks`` × (3 × 3 conv, batch norm, ReLU, 2 × 2 max-pool), flattened; ``final_pool=False`` drops the
-    last block's pool, keeping a four times larger map (at 28 px: 3 × 3 instead of 1 × 1 per channel)."""
+    last block's pool, keeping a four times larger map (at 28 px: 3 × 3 instead of 1 × 1 per channel).
+
+    The first block has ``width`` channels and each later one ``widen`` times those of the block before (at
+    ``widen=2``, the channels double as the maps halve, as in VGG and ResNet).
+    """
 
     def __init__(
-        self, input_px: int, width: int, blocks: int, batch_norm: bool = True, final_pool: bool = True
+        self,
+        input_px: int,
+        width: int,
+        blocks: int,
+        batch_norm: bool = True,
+        final_pool: bool = True,
+        widen: int = 1,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels, size = 1, input_px
         pools = blocks if final_pool else blocks - 1  # the first `pools` blocks end in a max-pool
         for block in range(blocks):
-            pool = block < pools
+            pool, out = block < pools, width * widen**block
             layers += [
-                nn.Conv2d(channels, width, 3, padding=1, bias=not batch_norm),
-                nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
+                nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm),
+                nn.BatchNorm2d(out) if batch_norm else nn.Identity(),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(2) if pool else nn.Identity(),
             ]
-            channels, size = width, size // 2 if pool else size
+            channels, size = out, size // 2 if pool else size
         if size < 1:
             raise ConfigError(f"{blocks} blocks need an input of at least {2**pools} px, got {input_px}")
         self.features = nn.Sequential(*layers)
-        self.dim = width * size * size
+        self.dim = channels * size * size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images).flatten(1)
@@ -169,7 +180,9 @@ def _similarity_head(config: ModelConfig, dim: int) -> nn.Module:
 
 def _backbone(config: ModelConfig, pretrained: bool) -> nn.Module:
     if config.backbone == "fast":
-        return FastEmbedding(config.input_px, config.width, config.blocks, config.batch_norm, config.final_pool)
+        return FastEmbedding(
+            config.input_px, config.width, config.blocks, config.batch_norm, config.final_pool, config.widen
+        )
     if config.backbone == "koch":
         return KochEmbedding(config.input_px)
     if config.backbone == "vgg16":
@@ -246,7 +259,16 @@ class SiameseNetwork(nn.Module):
 
 
 BACKBONES = {
-    "fast": ModelConfig(backbone="fast", input_px=28, width=64, blocks=4, normalize=True, final_pool=False, views=5),
+    "fast": ModelConfig(
+        backbone="fast",
+        input_px=28,
+        width=32,
+        widen=2,
+        blocks=4,
+        normalize=True,
+        final_pool=False,
+        views=5,
+    ),
     "koch": ModelConfig(backbone="koch", input_px=105),
     "vgg16": ModelConfig(backbone="vgg16", input_px=105),
 }

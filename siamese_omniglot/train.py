@@ -38,7 +38,7 @@ from torch import nn
 
 from . import devices
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import REFERENCE_BATCH, TrainConfig
+from .config import MODEL_SETTINGS, REFERENCE_BATCH, TrainConfig
 from .data.augment import random_distortion
 from .data.episodes import Episodes, sample_episodes
 from .data.images import ImageSet
@@ -161,7 +161,10 @@ def resume_config(checkpoint: str | Path, epochs: int | None = None, max_steps: 
     if "train_config" not in state:
         raise CheckpointError(f"{checkpoint}: holds no training settings; cannot resume from it")
     config = TrainConfig.from_dict(state["train_config"])
-    return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps)
+    # the network as saved, whatever its backbone's defaults are now (they change between versions)
+    saved = ModelConfig.from_dict(state["model_config"])
+    network = {name: getattr(saved, name) for name in MODEL_SETTINGS}
+    return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps, **network)
 
 
 def _write_checkpoint(state: dict, path: Path) -> None:

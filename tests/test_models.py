@@ -18,7 +18,7 @@ from siamese_omniglot.models import (
     shift,
 )
 
-EMBEDDING_DIMS = {"fast": 576, "koch": 4096, "vgg16": 4608}
+EMBEDDING_DIMS = {"fast": 256 * 3 * 3, "koch": 4096, "vgg16": 4608}
 
 
 def ink(count: int, size_px: int, seed: int = 0) -> torch.Tensor:
@@ -115,31 +115,41 @@ def test_unknown_backbone_is_a_config_error(make) -> None:
 def test_too_small_input_for_the_fast_blocks_is_a_config_error(final_pool: bool, smallest: int) -> None:
     with pytest.raises(ConfigError, match=f"4 blocks need an input of at least {smallest} px, got {smallest - 1}"):
         build_model("fast", input_px=smallest - 1, final_pool=final_pool)
-    assert build_model("fast", input_px=smallest, final_pool=final_pool).embedding_dim == 64
+    assert build_model("fast", input_px=smallest, final_pool=final_pool).embedding_dim == 256
 
 
 @pytest.mark.parametrize(
-    ("input_px", "width", "blocks", "final_pool", "dim"),
+    ("input_px", "width", "widen", "blocks", "final_pool", "dim"),
     [
-        (28, 64, 4, False, 64 * 3 * 3),
-        (28, 64, 4, True, 64),
-        (32, 16, 3, False, 16 * 8 * 8),
-        (32, 16, 3, True, 16 * 4 * 4),
-        (28, 8, 2, True, 8 * 7 * 7),
+        (28, 32, 2, 4, False, 256 * 3 * 3),
+        (28, 64, 1, 4, False, 64 * 3 * 3),
+        (28, 64, 1, 4, True, 64),
+        (32, 16, 1, 3, False, 16 * 8 * 8),
+        (32, 16, 3, 3, True, 144 * 4 * 4),
+        (28, 8, 1, 2, True, 8 * 7 * 7),
     ],
 )
 def test_fast_overrides_set_the_embedding_size(
-    input_px: int, width: int, blocks: int, final_pool: bool, dim: int
+    input_px: int, width: int, widen: int, blocks: int, final_pool: bool, dim: int
 ) -> None:
-    model = build_model("fast", input_px=input_px, width=width, blocks=blocks, final_pool=final_pool).eval()
-    assert model.config == ModelConfig("fast", input_px, width, blocks, True, final_pool=final_pool, views=5)
+    model = build_model(
+        "fast", input_px=input_px, width=width, widen=widen, blocks=blocks, final_pool=final_pool
+    ).eval()
+    assert model.config == ModelConfig(
+        "fast", input_px, width, blocks, True, final_pool=final_pool, views=5, widen=widen
+    )
     assert model.embedding_dim == dim
     with torch.no_grad():
         assert model.embed(ink(2, 105)).shape == (2, dim)
 
 
+def test_fast_channels_double_from_block_to_block() -> None:
+    convs = [m for m in build_model("fast").modules() if isinstance(m, nn.Conv2d)]
+    assert [(conv.in_channels, conv.out_channels) for conv in convs] == [(1, 32), (32, 64), (64, 128), (128, 256)]
+
+
 @pytest.mark.parametrize(
-    "config", [*BACKBONES.values(), ModelConfig(backbone="fast", input_px=32, width=16, blocks=3, normalize=False)]
+    "config", [*BACKBONES.values(), ModelConfig(backbone="fast", input_px=32, width=16, blocks=3, widen=3)]
 )
 def test_model_config_round_trip(config: ModelConfig) -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config

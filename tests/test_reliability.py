@@ -733,10 +733,10 @@ def test_train_refuses_a_read_only_out_folder(tiny_tree: Path, tmp_path: Path) -
         assert_refused(run, "cannot write there (Read-only file system)")
 
 
-@pytest.mark.parametrize(("size", "written"), [("256k", set()), ("1400k", {"last.pt"})],
+@pytest.mark.parametrize(("size", "written"), [("256k", set()), ("4800k", {"last.pt"})],
                          ids=["no-room-for-a-checkpoint", "room-for-one"])
 def test_train_on_a_full_disk_fails_cleanly(tiny_tree: Path, tmp_path: Path, size: str, written: set) -> None:
-    """A checkpoint takes about 0.9 MB: on a 256 kB disk none fits, on a 1.4 MB one last.pt fits and best.pt
+    """A checkpoint takes about 3.2 MB: on a 256 kB disk none fits, on a 4.8 MB one last.pt fits and best.pt
     does not. Either way: one error line, exit 2, no partial or temporary file, what was written loads."""
     with mounted_tmpfs(tmp_path / "disk", f"size={size}") as disk:
         out = disk / "run"

@@ -118,7 +118,7 @@ def test_bad_image_path_is_a_data_error(
 
 def test_weights_that_do_not_fit_the_config_are_a_checkpoint_error(checkpoint: Path, tmp_path: Path) -> None:
     state = load_checkpoint(checkpoint)
-    state["model"] = build_model("fast", width=32).state_dict()
+    state["model"] = build_model("fast", width=16).state_dict()
     broken = save_checkpoint(state, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match="weights do not fit its model config"):
         Verifier.from_checkpoint(broken, "cpu")

@@ -85,7 +85,9 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         """Inverse of :meth:`to_dict`, ignoring keys this version does not know.
 
-        Settings added since a checkpoint was written take the value that reproduces its training (``ADDED_SINCE``).
+        Settings added since a checkpoint was written take the value that reproduces its training (``ADDED_SINCE``);
+        the network's settings left to the backbone's defaults, which may have changed since, are restored from the
+        checkpoint's model config by :func:`~siamese_omniglot.train.resume_config`.
         """
         known = {f.name for f in fields(cls)}
         return cls(**(ADDED_SINCE | {k: v for k, v in values.items() if k in known}))

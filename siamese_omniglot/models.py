@@ -45,7 +45,7 @@ class ModelConfig:
     batch_norm: bool = True  # fast backbone: batch norm after each conv (off: exact multi-process equivalence)
     final_pool: bool = True  # fast backbone: max-pool after the last block too (off: keep its finer feature map)
     views: int = 1  # outside training, average embeddings over this many shifted views (see VIEW_SHIFTS)
-    widen: int = 1  # fast backbone: each block has this many times the channels of the block before
+    widen: int = 1  # fast backbone: each block has this many times the channels of the block before (1: as before it)
 
     def to_dict(self) -> dict:
         """Plain dict for checkpoints and JSON."""
@@ -110,11 +110,14 @@ class FastEmbedding(nn.Module):
         widen: int = 1,
     ) -> None:
         super().__init__()
+        if width < 1 or widen < 1:
+            raise ConfigError(f"width={width} and widen={widen}: both must be at least 1")
         layers: list[nn.Module] = []
         channels, size = 1, input_px
         pools = blocks if final_pool else blocks - 1  # the first `pools` blocks end in a max-pool
         for block in range(blocks):
-            pool, out = block < pools, width * widen**block
+            pool = block < pools
+            out = width * widen**block
             layers += [
                 nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm),
                 nn.BatchNorm2d(out) if batch_norm else nn.Identity(),

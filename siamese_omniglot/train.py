@@ -44,7 +44,7 @@ from .data.episodes import Episodes, sample_episodes
 from .data.images import ImageSet
 from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_images, split_validation
 from .distributed import DistributedContext
-from .errors import CheckpointError, ConfigError, DataError, OutputError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, OutputError, SiameseError, TrainingError
 from .evaluate import PairMetrics, best_threshold, embed_pixels, one_shot_accuracy, pair_logits, pair_metrics
 from .files import atomic_write
 from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model
@@ -160,11 +160,14 @@ def resume_config(checkpoint: str | Path, epochs: int | None = None, max_steps: 
     state = load_checkpoint(checkpoint)
     if "train_config" not in state:
         raise CheckpointError(f"{checkpoint}: holds no training settings; cannot resume from it")
-    config = TrainConfig.from_dict(state["train_config"])
-    # the network as saved, whatever its backbone's defaults are now (they change between versions)
-    saved = ModelConfig.from_dict(state["model_config"])
-    network = {name: getattr(saved, name) for name in MODEL_SETTINGS}
-    return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps, **network)
+    try:
+        config = TrainConfig.from_dict(state["train_config"])
+        # the network's settings as saved, whatever its backbone's defaults are now (they change between versions)
+        saved = ModelConfig.from_dict(state["model_config"])
+        network = {name: getattr(saved, name) for name in MODEL_SETTINGS}
+        return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps, **network)
+    except (SiameseError, TypeError, ValueError) as error:  # another version's or a hand-made checkpoint
+        raise CheckpointError(f"{checkpoint}: its training settings cannot be used ({error})") from None
 
 
 def _write_checkpoint(state: dict, path: Path) -> None:

@@ -148,6 +148,17 @@ def test_fast_channels_double_from_block_to_block() -> None:
     assert [(conv.in_channels, conv.out_channels) for conv in convs] == [(1, 32), (32, 64), (64, 128), (128, 256)]
 
 
+@pytest.mark.parametrize("setting", ["width", "widen"])
+def test_fast_channels_below_one_are_a_config_error(setting: str) -> None:
+    with pytest.raises(ConfigError, match="both must be at least 1"):
+        build_model("fast", **{setting: 0})
+
+
+def test_a_config_from_before_widen_rebuilds_the_same_channels_in_every_block() -> None:
+    older = {"backbone": "fast", "input_px": 28, "width": 64, "blocks": 4, "normalize": True, "final_pool": False}
+    assert SiameseNetwork(ModelConfig.from_dict(older)).embedding_dim == 64 * 3 * 3
+
+
 @pytest.mark.parametrize(
     "config", [*BACKBONES.values(), ModelConfig(backbone="fast", input_px=32, width=16, blocks=3, widen=3)]
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import asdict, replace
 from itertools import pairwise
 from pathlib import Path
@@ -291,6 +292,22 @@ def test_a_run_of_the_former_fast_network_resumes_with_its_network(small: ImageS
     resumed.fit(resume=tmp_path / "last.pt")
     assert resumed.model.config.width == 64 and resumed.model.config.widen == 1
     assert resumed.step == 8
+    assert Verifier.from_checkpoint(tmp_path / "last.pt", "cpu").model.embedding_dim == 64 * 3 * 3
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "reason"),
+    [("width", "64", "'>=' not supported"), ("layers", 3, "unknown model settings ['layers']")],
+)
+def test_a_checkpoint_whose_model_config_cannot_be_used_is_refused_by_resume(
+    classify_run: dict, tmp_path: Path, setting: str, value: object, reason: str
+) -> None:
+    state = torch.load(classify_run["out"] / "last.pt", map_location="cpu", weights_only=True)
+    state["model_config"][setting] = value
+    torch.save(state, tmp_path / "last.pt")
+    message = f"{tmp_path / 'last.pt'}: its training settings cannot be used ({reason}"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        resume_config(tmp_path / "last.pt")
 
 
 def test_refuses_to_overwrite_a_run(classify_run: dict, small: ImageSet) -> None:

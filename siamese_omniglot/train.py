@@ -364,8 +364,7 @@ class Trainer:
         best_with_views = None
         if self.model.config.views > 1 and self.step >= self.total_steps:
             if self.dist.is_main:
-                best_with_views = self._calibrate_views(best)
-                self._calibrate_views(last)
+                best_with_views = self._calibrate_views(best, last)
             self.dist.barrier()
         return TrainResult(self.out_dir, best, last, tuple(self.history), best_with_views)
 
@@ -495,18 +494,24 @@ class Trainer:
         the best/last pair)."""
         return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(self.generator_state)), path)
 
-    def _calibrate_views(self, path: Path) -> Validation:
-        """Recalibrate a checkpoint's head and threshold for the model's views, and record that validation."""
-        state = load_checkpoint(path, map_location=self.device)
-        model = SiameseNetwork(self.model.config).to(self.device)
-        model.load_state_dict(state["model"])
-        val = self.validate(model=model)
-        # "training" keeps the one-view selection score, which no longer matches these metrics: _repair_best, which
-        # looks for that match, leaves a calibrated best.pt alone
-        state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict(),
-                     calibrated_views=val.views)
-        _write_checkpoint(state, path)
-        return val
+    def _calibrate_views(self, best: Path, last: Path) -> Validation:
+        """Recalibrate the heads and thresholds of ``best.pt`` and ``last.pt`` for the model's views (once when they
+        hold the same step), record those validations, and return ``best.pt``'s."""
+        states = {path: load_checkpoint(path, map_location=self.device) for path in (best, last)}
+        calibrated: dict[int, tuple[dict, Validation]] = {}  # by training step
+        for path, state in states.items():
+            step = state["training"]["step"]
+            if step not in calibrated:
+                model = SiameseNetwork(self.model.config).to(self.device)
+                model.load_state_dict(state["model"])
+                calibrated[step] = (model.state_dict(), self.validate(model=model))
+            weights, val = calibrated[step]
+            # "training" keeps the one-view selection score, which no longer matches these metrics: _repair_best,
+            # which looks for that match, leaves a calibrated best.pt alone
+            state.update(model=weights, threshold=val.pairs.threshold, metrics=val.to_dict(),
+                         calibrated_views=val.views)
+            _write_checkpoint(state, path)
+        return calibrated[states[best]["training"]["step"]][1]
 
     def _end_epoch(self, train_loss: float, images_per_s: float, seconds: float) -> None:
         generators = self.dist.gather_objects(self.generator_state)  # collective: every rank takes part

@@ -26,6 +26,7 @@ from siamese_omniglot.train import (
     EpochMetrics,
     Progress,
     Trainer,
+    Validation,
     calibrate_head,
     resume_config,
     selection_score,
@@ -147,6 +148,23 @@ def test_a_finished_run_calibrates_its_checkpoints_for_the_models_views(classify
     assert one_shot_accuracy(model, embeddings, trainer.val_episodes).accuracy == saved.val_one_shot
     if name == "best.pt":
         assert state["metrics"] == result.best_with_views.to_dict()
+
+
+def test_best_and_last_at_the_same_step_are_calibrated_for_views_once(
+    small: ImageSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer(preset("fast", max_steps=4, batch_size=16, val_pairs=50), small, tmp_path, CPU)
+    validate, views_asked = trainer.validate, []
+
+    def counted(views: int | None = None, model: SiameseNetwork | None = None) -> Validation:
+        views_asked.append(views)
+        return validate(views, model)
+
+    monkeypatch.setattr(trainer, "validate", counted)
+    trainer.fit()
+    assert views_asked == [1, None]  # the epoch's one-view validation, then one with the model's views for both
+    for name in ("best.pt", "last.pt"):
+        calibrated_for(trainer, tmp_path / name, 5)
 
 
 def test_a_paused_run_is_calibrated_for_views_when_resumed_to_its_end(small: ImageSet, tmp_path: Path) -> None:

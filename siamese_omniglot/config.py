@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True  # distort training images: Koch et al.'s small affine maps, bent by `elastic`
     elastic: float = 0.15  # with augment: std of a smooth random displacement bending the strokes (0: affine only)
+    supersample: int = 3  # with augment: distort at this many times the input size, then average down (anti-aliased)
     within_alphabet: float = 0.5  # probability that a negative pair shares an alphabet
     val_fraction: float = 0.15  # fraction of alphabets (or of each class's images) held out for validation
     val_split: str = "alphabets"  # "alphabets": unseen characters; "images": the reference's 90/10 image split
@@ -65,6 +66,7 @@ class TrainConfig:
             "log_every": self.log_every >= 1,
             "width": self.width is None or self.width >= 1,
             "widen": self.widen is None or self.widen >= 1,
+            "supersample": self.supersample >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -95,12 +97,13 @@ class TrainConfig:
 
 # Settings added after checkpoints were first written, with the value that reproduces the training of a
 # checkpoint that lacks them.
-ADDED_SINCE: dict[str, object] = {"elastic": 0.0, "views": 1}
+ADDED_SINCE: dict[str, object] = {"elastic": 0.0, "views": 1, "supersample": 1}
 
 PRESETS: dict[str, TrainConfig] = {
     # Fast CPU default: a 4-block conv net at 28 × 28 whose channels double from block to block (32 to 256; no pool
     # after the last block: a 3 × 3 × 256 embedding) trained as a character classifier on affine and elastic
-    # distortions, then used as a Siamese verifier whose head is calibrated on held-out alphabets.
+    # distortions (drawn at 84 × 84, averaged down), then used as a Siamese verifier whose head is calibrated on
+    # held-out alphabets.
     "fast": TrainConfig(),
     # For one GPU: the fast recipe with twice the channels (64 to 512, a 4,608-value embedding). On the CPU, more
     # channels raised validation 1-shot accuracy most (docs/results.md, "What was tried"); more epochs did not, once
@@ -109,13 +112,13 @@ PRESETS: dict[str, TrainConfig] = {
     # Koch et al. (2015): their network trained on pairs.
     "koch": TrainConfig(
         preset="koch", backbone="koch", objective="pair", epochs=20, batch_size=32, lr=0.01, weight_decay=2e-4,
-        elastic=0.0,  # their affine distortions only
+        elastic=0.0, supersample=1,  # their affine distortions only, at their full 105 × 105 input
     ),
     # The reference (Tecorigin modelzoo Siamese): VGG16, batch 32, lr 1e-2, SGD-nesterov, warm-up + cosine,
     # 50 epochs, AMP on accelerators.
     "seed": TrainConfig(
         preset="seed", backbone="vgg16", objective="pair", epochs=50, batch_size=32, lr=0.01, weight_decay=5e-4,
-        elastic=0.0,
+        elastic=0.0, supersample=1,
     ),
 }
 

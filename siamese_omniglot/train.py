@@ -306,7 +306,13 @@ class Trainer:
             ids = [device.index] if device.type != "cpu" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.objective = torch.compile(objective) if compile else objective
-        self.staged = StagedImages(train.pixels, self.model.config.input_px, device, staging)
+        # distorted at `supersample` times the input size (no finer than the images themselves), then averaged down:
+        # strokes stay as sharp as in the area-resized images the model sees outside training, where resampling at
+        # 28 px would blur them
+        input_px = self.model.config.input_px
+        finest = math.ceil(train.pixels.shape[-1] / input_px)
+        self.supersample = min(config.supersample, finest) if config.augment else 1
+        self.staged = StagedImages(train.pixels, input_px * self.supersample, device, staging)
         self.labels = train.labels.to(device)
         self.sampler = PairSampler(train, config.within_alphabet, device)
         self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)
@@ -456,9 +462,12 @@ class Trainer:
         return loss.detach()
 
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Training images ``index`` as float ink on the device, distorted when augmenting."""
+        """Training images ``index`` as float ink on the device at the model's input size, distorted when
+        augmenting."""
         images = self.staged.gather(index).float().div_(255)
-        images = random_distortion(images, generator, elastic=self.config.elastic) if self.config.augment else images
+        if self.config.augment:
+            images = random_distortion(images, generator, elastic=self.config.elastic)
+            images = F.avg_pool2d(images, self.supersample) if self.supersample > 1 else images
         return images.contiguous(memory_format=self.memory_format)
 
     def _report(self, loss: float, images_per_s: float) -> None:

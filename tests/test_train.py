@@ -19,9 +19,10 @@ from torch import nn
 from siamese_omniglot.config import TrainConfig, preset
 from siamese_omniglot.data import ImageSet, load_folder, seeded_generator
 from siamese_omniglot.data.augment import random_distortion
+from siamese_omniglot.data.images import to_ink
 from siamese_omniglot.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from siamese_omniglot.evaluate import best_threshold, embed_pixels, one_shot_accuracy, pair_logits, roc_auc
-from siamese_omniglot.models import ModelConfig, SiameseNetwork
+from siamese_omniglot.models import ModelConfig, SiameseNetwork, resize_to
 from siamese_omniglot.train import (
     EpochMetrics,
     Progress,
@@ -264,9 +265,51 @@ def test_training_batches_are_bent_by_the_configured_elastic_strength(small: Ima
         trainer = Trainer(preset("fast", elastic=elastic, val_pairs=20), small, tmp_path / str(elastic), CPU)
         batches[elastic] = trainer.batch(index, seeded_generator(5))
         ink = trainer.staged.gather(index).float().div_(255)
-        expected = random_distortion(ink, seeded_generator(5), elastic=elastic)
+        expected = F.avg_pool2d(random_distortion(ink, seeded_generator(5), elastic=elastic), 3)
         assert torch.allclose(batches[elastic], expected)
     assert not torch.allclose(batches[0.0], batches[0.15])
+
+
+def ink_sharpness(images: torch.Tensor) -> float:
+    """Σ ink² / Σ ink: 1 for pure black-and-white strokes, lower as blur spreads them into grey."""
+    return float((images**2).sum() / images.sum())
+
+
+def test_supersampled_distortions_keep_strokes_as_sharp_as_evaluation_images(images: ImageSet, tmp_path: Path) -> None:
+    index = torch.arange(0, 300, 3)
+    sharpness = {}
+    for factor in (1, 3):
+        trainer = Trainer(preset("fast", supersample=factor, val_pairs=20), images, tmp_path / str(factor), CPU)
+        assert trainer.staged.ink.shape[-1] == 28 * factor
+        batch = trainer.batch(index, seeded_generator(5))
+        assert batch.shape == (len(index), 1, 28, 28)
+        sharpness[factor] = ink_sharpness(batch)
+    clean = ink_sharpness(resize_to(to_ink(trainer.train_set.pixels[index]), 28))  # as the model sees outside training
+    assert abs(sharpness[3] / clean - 1) < 0.05
+    assert sharpness[1] / clean < 0.9  # distorting at 28 px blurs the strokes
+
+
+def test_without_augmentation_training_images_are_staged_at_the_input_size(small: ImageSet, tmp_path: Path) -> None:
+    trainer = Trainer(preset("fast", augment=False, val_pairs=20), small, tmp_path, CPU)
+    index = torch.arange(5)
+    assert trainer.staged.ink.shape[-1] == 28
+    assert torch.equal(trainer.batch(index, seeded_generator(5)), trainer.staged.gather(index).float() / 255)
+
+
+def test_distortions_are_never_drawn_finer_than_the_images(small: ImageSet, tmp_path: Path) -> None:
+    assert small.pixels.shape[-1] == 105
+    for input_px, staged_px in ((40, 120), (105, 105)):  # 3 × 40 px; 105 px needs no finer grid
+        trainer = Trainer(preset("fast", input_px=input_px, val_pairs=20), small, tmp_path / str(input_px), CPU)
+        assert trainer.staged.ink.shape[-1] == staged_px
+        assert trainer.batch(torch.arange(4), seeded_generator(5)).shape == (4, 1, input_px, input_px)
+
+
+def test_supersample_must_be_positive_and_old_checkpoints_resume_without_it() -> None:
+    with pytest.raises(ConfigError, match="invalid setting supersample=0: must be positive"):
+        preset("fast", supersample=0)
+    older = preset("fast").to_dict()
+    del older["supersample"]
+    assert TrainConfig.from_dict(older).supersample == 1  # as it was trained
 
 
 @pytest.mark.parametrize("elastic", [-0.1, float("nan")])

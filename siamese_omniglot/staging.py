@@ -1,6 +1,6 @@
 """Where the training images live while training: on the training device, or in host memory when they do not fit.
 
-The images are turned into ink and resized to the model's input size once, and kept as uint8. On the
+The images are turned into ink and resized once, to the size the trainer distorts them at, and kept as uint8. On the
 device, a batch is one indexing operation and costs no host synchronisation. A data set too large for
 the device (more than half of its free memory) stays in pinned host memory instead: each step then
 copies its batch to the device, which costs one host synchronisation per step, the price of not fitting.
@@ -55,7 +55,7 @@ class StagedImages:
 
     Args:
         pixels: uint8 pixels [N, H, W] as decoded (white background).
-        input_px: the model's input size.
+        input_px: the staged size: the model's input size, or a multiple of it where distortions are drawn finer.
         device: the training device; batches are returned there.
         placement: ``auto`` (the device when the images fit, else host memory), ``device`` or ``host``.
     """

@@ -34,7 +34,7 @@ from siamese_omniglot.data import (
     to_ink,
 )
 from siamese_omniglot.data import omniglot as omniglot_module
-from siamese_omniglot.data.augment import random_distortion
+from siamese_omniglot.data.augment import random_distortion, sampling_grid
 from siamese_omniglot.data.folders import decode_index, index_paths
 from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
 from siamese_omniglot.errors import DataError
@@ -701,6 +701,17 @@ def test_elastic_distortion_bends_strokes_more_as_it_grows(ink_batch):
             assert bool(((ratio > 0.6) & (ratio < 1.5)).all())
         change.append(float((out - small).abs().mean()))
     assert 0 < change[0] < change[1] < change[2]
+
+
+@pytest.mark.parametrize(("height", "width"), [(84, 84), (28, 40)])
+def test_sampling_grid_is_the_affine_grid_plus_the_bicubic_field(height: int, width: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(8, 2, 3, generator=generator)
+    coarse = torch.randn(8, 2, 4, 4, generator=generator)
+    affine = F.affine_grid(theta, [8, 1, height, width], align_corners=False)
+    field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    assert torch.allclose(sampling_grid(theta, None, height, width), affine, atol=1e-5)
+    assert torch.allclose(sampling_grid(theta, coarse, height, width), affine + field, atol=1e-5)
 
 
 def test_random_distortion_keeps_blank_pages_blank():

@@ -46,11 +46,38 @@ def random_distortion(
     shearing = torch.stack([torch.stack([ones, shear_x], 1), torch.stack([shear_y, ones], 1)], 1)
     scaling = torch.diag_embed(torch.stack([1 / scale_x, 1 / scale_y], 1))  # grid maps output → input
     linear = rotation @ shearing @ scaling
-    theta = torch.cat([linear, torch.stack([shift_x, shift_y], 1).unsqueeze(2)], 2)
-    theta = theta.to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    theta = torch.cat([linear, torch.stack([shift_x, shift_y], 1).unsqueeze(2)], 2).to(images.device)
+    coarse = None
     if elastic > 0:
         coarse = torch.randn(n, 2, ELASTIC_GRID, ELASTIC_GRID, generator=generator, device=generator.device)
-        field = F.interpolate(coarse * elastic, size=images.shape[-2:], mode="bicubic", align_corners=True)
-        grid = grid + field.permute(0, 2, 3, 1).to(device=images.device, dtype=images.dtype)
+        coarse = (coarse * elastic).to(images.device)
+    grid = sampling_grid(theta, coarse, *images.shape[-2:]).to(images.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def sampling_grid(theta: torch.Tensor, coarse: torch.Tensor | None, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, height, width), align_corners=False)`` plus, when given, the displacement
+    ``coarse`` [N, 2, g, g] upsampled bicubically (``align_corners=True``) to [N, height, width, 2].
+
+    Both parts are separable, so they are built from per-row and per-column factors: a few times faster on the CPU
+    than the two library calls at 84 × 84, where they took most of a distorted batch's time.
+    """
+    def centres(size: int) -> torch.Tensor:  # normalised pixel centres
+        return (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
+
+    # grid[n, y, x, k] = theta[n, k, 0] · x + theta[n, k, 1] · y + theta[n, k, 2]
+    along_x = centres(width)[None, :, None] * theta[:, None, :, 0] + theta[:, None, :, 2]  # [N, W, 2]
+    along_y = centres(height)[None, :, None] * theta[:, None, :, 1]  # [N, H, 2]
+    if coarse is None:
+        return along_x[:, None] + along_y[:, :, None]
+    rows, columns = _bicubic_matrix(height, coarse.shape[-2], coarse), _bicubic_matrix(width, coarse.shape[-1], coarse)
+    grid = torch.einsum("yi,ncij,xj->nyxc", rows, coarse, columns)
+    grid += along_x[:, None]
+    grid += along_y[:, :, None]
+    return grid
+
+
+def _bicubic_matrix(size: int, points: int, like: torch.Tensor) -> torch.Tensor:
+    """[size, points]: bicubic upsampling (``align_corners=True``) of ``points`` samples to ``size``, as a matrix."""
+    basis = torch.eye(points, device=like.device, dtype=like.dtype).view(points, 1, 1, points)
+    return F.interpolate(basis, size=(1, size), mode="bicubic", align_corners=True).view(points, size).T

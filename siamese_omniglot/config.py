@@ -25,7 +25,7 @@ class TrainConfig:
     preset: str = "fast"
     backbone: str = "fast"
     objective: str = "classify"  # "pair": BCE on the head's logit; "classify": softmax over training characters
-    epochs: int = 20
+    epochs: int = 30
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     batch_size: int = 128
     lr: float = 0.05
@@ -105,9 +105,9 @@ PRESETS: dict[str, TrainConfig] = {
     # distortions (drawn at 84 × 84, averaged down), then used as a Siamese verifier whose head is calibrated on
     # held-out alphabets.
     "fast": TrainConfig(),
-    # For one GPU: the fast recipe with twice the channels (64 to 512, a 4,608-value embedding). On the CPU, more
-    # channels raised validation 1-shot accuracy most (docs/results.md, "What was tried"); more epochs did not, once
-    # the channels doubled from block to block. This preset has not been measured on a GPU yet.
+    # For one GPU: the fast recipe with twice the channels (64 to 512, a 4,608-value embedding). On the CPU at 10
+    # epochs, more channels raised validation 1-shot accuracy most of the network changes tried (docs/results.md,
+    # "What was tried"). This preset has not been measured on a GPU yet.
     "wide": TrainConfig(preset="wide", width=64),
     # Koch et al. (2015): their network trained on pairs.
     "koch": TrainConfig(

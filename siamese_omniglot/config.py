@@ -8,7 +8,8 @@ from .errors import ConfigError
 
 OBJECTIVES = ("pair", "classify")
 VAL_SPLITS = ("alphabets", "images")
-MODEL_SETTINGS = ("input_px", "batch_norm", "width", "widen", "views")  # TrainConfig fields that set a ModelConfig
+# TrainConfig fields that set a ModelConfig
+MODEL_SETTINGS = ("input_px", "batch_norm", "width", "widen", "views", "frame")
 REFERENCE_BATCH = 64  # the learning-rate rule: lr is scaled by global batch / REFERENCE_BATCH
 
 
@@ -49,6 +50,7 @@ class TrainConfig:
     width: int | None = None  # fast backbone only: channels of the first block (None: the backbone's 32)
     widen: int | None = None  # fast backbone only: channel factor from each block to the next (None: backbone's 2)
     views: int | None = None  # shifted views averaged per embedding outside training: 1, 5 or 9 (None: backbone's)
+    frame: float | None = None  # share of the input a framed character's longer side fills, 0 = off (None: backbone's)
     log_every: int = 50  # steps between progress reports (the only host syncs)
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 Two files, so that a gallery is embedded once and each new image costs one embedding:
 
 - ``embedding.onnx``: ``pixels`` uint8 [batch, 105, 105] (the canvas of ``Verifier.pixels``, 255 = paper)
-  → ``embeddings`` float32 [batch, D]. The ink conversion, the model's resize and its views are inside the graph.
+  → ``embeddings`` float32 [batch, D]. The ink conversion, the model's framing or resize and its views are inside
+  the graph.
 - ``scorer.onnx``: ``first``, ``second`` float32 [batch, D] → ``logits`` and ``scores`` (the sigmoid of the
   logits) float32 [batch]; two images show the same character when ``scores ≥ threshold``.
 
@@ -26,6 +27,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .checkpoint import PREPROCESSING
+from .data.framing import frame_ink
 from .data.images import CANVAS_PX, to_ink
 from .errors import DependencyError, ExportError, OutputError
 from .files import atomic_write
@@ -82,8 +84,8 @@ def area_matrix(in_px: int, out_px: int) -> torch.Tensor:
 
 
 class PixelEmbedding(nn.Module):
-    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, then the model's ``Embedding`` (its views
-    included) with its area resize written as two matrix products."""
+    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, then the model's ``Embedding`` (its framing
+    and views included), an area resize written as two matrix products."""
 
     def __init__(self, model: SiameseNetwork, canvas_px: int = CANVAS_PX) -> None:
         super().__init__()
@@ -93,6 +95,8 @@ class PixelEmbedding(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         ink = (255 - pixels.float()).div(255).unsqueeze(1)
+        if self.embedding.frame:
+            ink = frame_ink(ink, self.embedding.frame)
         if self.resize is not None:
             ink = self.resize @ ink @ self.resize.T
         return self.embedding.at_input_size(ink)

@@ -1,7 +1,9 @@
 """Siamese networks: a shared embedding network and a similarity head on |e1 − e2| giving one logit.
 
 Every model takes ink images (float [N, 1, H, W] in [0, 1], 1 = stroke; see ``data.to_ink``) of any
-size and resizes them to its own input size, so callers never need to know a model's resolution.
+size and resizes them to its own input size, so callers never need to know a model's resolution. A model
+may first *frame* each character (``ModelConfig.frame``): centre its ink and scale it to a fixed share of the
+input (:mod:`siamese_omniglot.data.framing`).
 
 Backbones:
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .data.framing import frame_ink
 from .errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class ModelConfig:
     final_pool: bool = True  # fast backbone: max-pool after the last block too (off: keep its finer feature map)
     views: int = 1  # outside training, average embeddings over this many shifted views (see VIEW_SHIFTS)
     widen: int = 1  # fast backbone: each block has this many times the channels of the block before (1: as before it)
+    frame: float = 0.0  # centre each character, its ink box's longer side scaled to this share of the input (0: off)
 
     def to_dict(self) -> dict:
         """Plain dict for checkpoints and JSON."""
@@ -53,12 +57,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are a checkpoint error."""
+        """Inverse of :meth:`to_dict`; unknown keys are a checkpoint error, missing ones keep their defaults."""
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise CheckpointError(f"unknown model settings {sorted(unknown)}: checkpoint from a newer version?")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.frame <= 1:  # NaN too
+            raise ConfigError(f"frame={self.frame!r}: the share of the input a character fills, from 0 (off) to 1")
 
 
 # Views by count: (dx, dy) shifts in pixels at the backbone's input size, the unshifted image first.
@@ -194,7 +202,7 @@ def _backbone(config: ModelConfig, pretrained: bool) -> nn.Module:
 
 
 class Embedding(nn.Module):
-    """The shared twin: resize to the backbone's input, run it, optionally L2-normalise.
+    """The shared twin: frame or resize to the backbone's input, run it, optionally L2-normalise.
 
     Outside training it averages ``views`` shifted views of each image (re-normalised when ``normalize``);
     ``forward(images, views=1)`` asks for a single view.
@@ -205,15 +213,22 @@ class Embedding(nn.Module):
         check_views(config.views)
         self.backbone = _backbone(config, pretrained)
         self.input_px = config.input_px
+        self.frame = config.frame
         self.normalize = config.normalize
         self.views = config.views
         self.dim = self.backbone.dim
 
     def forward(self, images: torch.Tensor, views: int | None = None) -> torch.Tensor:
-        return self.at_input_size(resize_to(images, self.input_px), views)
+        return self.at_input_size(self.to_input(images, self.input_px), views)
+
+    def to_input(self, images: torch.Tensor, size_px: int) -> torch.Tensor:
+        """Ink images of any size as this model sees them, area-resized to ``size_px``: framed first when
+        ``ModelConfig.frame`` is set."""
+        return resize_to(frame_ink(images, self.frame) if self.frame else images, size_px)
 
     def at_input_size(self, images: torch.Tensor, views: int | None = None) -> torch.Tensor:
-        """``forward`` for images already at the backbone's input size."""
+        """``forward`` for images already as the backbone sees them: at its input size, framed where the model frames
+        (training batches)."""
         views = 1 if self.training else self.views if views is None else check_views(views)
         if views == 1:
             return self._one_view(images)
@@ -271,6 +286,7 @@ BACKBONES = {
         normalize=True,
         final_pool=False,
         views=5,
+        frame=0.8,
     ),
     "koch": ModelConfig(backbone="koch", input_px=105),
     "vgg16": ModelConfig(backbone="vgg16", input_px=105),

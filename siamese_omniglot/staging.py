@@ -1,6 +1,7 @@
 """Where the training images live while training: on the training device, or in host memory when they do not fit.
 
-The images are turned into ink and resized once, to the size the trainer distorts them at, and kept as uint8. On the
+The images are turned into ink and resized (or framed, as the model frames them) once, to the size the trainer
+distorts them at, and kept as uint8. On the
 device, a batch is one indexing operation and costs no host synchronisation. A data set too large for
 the device (more than half of its free memory) stays in pinned host memory instead: each step then
 copies its batch to the device, which costs one host synchronisation per step, the price of not fitting.
@@ -9,6 +10,7 @@ copies its batch to the device, which costs one host synchronisation per step, t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -58,13 +60,22 @@ class StagedImages:
         input_px: the staged size: the model's input size, or a multiple of it where distortions are drawn finer.
         device: the training device; batches are returned there.
         placement: ``auto`` (the device when the images fit, else host memory), ``device`` or ``host``.
+        to_input: ink images and a size → the images at that size, as the model sees them
+            (``Embedding.to_input``; default: area resizing).
     """
 
-    def __init__(self, pixels: torch.Tensor, input_px: int, device: torch.device, placement: str = "auto") -> None:
+    def __init__(
+        self,
+        pixels: torch.Tensor,
+        input_px: int,
+        device: torch.device,
+        placement: str = "auto",
+        to_input: Callable[[torch.Tensor, int], torch.Tensor] = resize_to,
+    ) -> None:
         self.device = device
         self.placement = choose_placement(len(pixels), input_px, device, placement)
         home = device if self.placement == "device" else torch.device("cpu")
-        self.ink = _resize_ink(pixels, input_px, home)
+        self.ink = _stage_ink(pixels, input_px, home, to_input)
         if self.placement == "host" and device.type != "cpu":
             self.ink = self.ink.pin_memory()
 
@@ -78,9 +89,15 @@ class StagedImages:
         return self.ink[index.cpu()].to(self.device, non_blocking=True)
 
 
-def _resize_ink(pixels: torch.Tensor, input_px: int, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+def _stage_ink(
+    pixels: torch.Tensor,
+    input_px: int,
+    device: torch.device,
+    to_input: Callable[[torch.Tensor, int], torch.Tensor],
+    chunk: int = 4096,
+) -> torch.Tensor:
     parts = []
     for block in pixels.split(chunk):
-        ink = resize_to(to_ink(block.to(device)), input_px)
+        ink = to_input(to_ink(block.to(device)), input_px)
         parts.append(ink.mul_(255).round_().to(torch.uint8))
     return torch.cat(parts)

@@ -220,6 +220,10 @@ def calibrate_head(model: SiameseNetwork, embeddings: torch.Tensor, pairs: Pairs
         head.bias.fill_(float(b.detach() + scale * centre))
 
 
+# Both objectives take batches from Trainer.batch, already framed, distorted and at the model's input size: they go
+# to the backbone as they are (framing them again would undo the distortions' shifts and scales).
+
+
 class _ClassifyObjective(nn.Module):
     """Softmax over training characters on the shared embedding (the head is not involved)."""
 
@@ -228,7 +232,7 @@ class _ClassifyObjective(nn.Module):
         self.embedding, self.classifier = model.embedding, classifier
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.classifier(self.embedding(images)).float(), labels)
+        return F.cross_entropy(self.classifier(self.embedding.at_input_size(images)).float(), labels)
 
 
 class _PairObjective(nn.Module):
@@ -239,7 +243,9 @@ class _PairObjective(nn.Module):
         self.model = model
 
     def forward(self, first: torch.Tensor, second: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(self.model(first, second).float(), same.float())
+        embeddings = self.model.embedding.at_input_size(torch.cat([first, second]))
+        logits = self.model.score_embeddings(*embeddings.split(first.shape[0]))
+        return F.binary_cross_entropy_with_logits(logits.float(), same.float())
 
 
 class Trainer:
@@ -312,7 +318,9 @@ class Trainer:
         input_px = self.model.config.input_px
         finest = math.ceil(train.pixels.shape[-1] / input_px)
         self.supersample = min(config.supersample, finest) if config.augment else 1
-        self.staged = StagedImages(train.pixels, input_px * self.supersample, device, staging)
+        self.staged = StagedImages(
+            train.pixels, input_px * self.supersample, device, staging, to_input=self.model.embedding.to_input
+        )
         self.labels = train.labels.to(device)
         self.sampler = PairSampler(train, config.within_alphabet, device)
         self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)

@@ -89,10 +89,36 @@ def test_any_input_size_gives_the_same_shapes(size_px: int) -> None:
 
 
 def test_larger_input_is_area_resized_to_the_model_size() -> None:
-    model = build_model("fast").eval()
+    model = build_model("fast", frame=0.0).eval()
     large = ink(2, 2 * model.config.input_px)
     with torch.no_grad():
         torch.testing.assert_close(model.embed(large), model.embed(F.avg_pool2d(large, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_framed_model_sees_a_character_alike_wherever_it_is_drawn() -> None:
+    model = build_model("fast").eval()
+    assert model.config.frame == 0.8
+    character = torch.zeros(1, 1, 105, 105)
+    character[..., 10:50, 10:14] = 1  # an L in the top left corner
+    character[..., 46:50, 10:40] = 1
+    moved = character.roll((45, 50), dims=(2, 3))  # the same L, bottom right
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(character), model.embed(moved), rtol=1e-4, atol=1e-4)
+        unframed = build_model("fast", frame=0.0).eval()
+        unframed.load_state_dict(model.state_dict())
+        assert (unframed.embed(character) - unframed.embed(moved)).abs().max() > 0.01
+
+
+def test_checkpoints_from_before_framing_rebuild_unframed() -> None:
+    saved = BACKBONES["fast"].to_dict()
+    del saved["frame"]
+    assert ModelConfig.from_dict(saved).frame == 0.0
+
+
+@pytest.mark.parametrize("frame", [-0.1, 1.5, float("nan")])
+def test_frame_outside_zero_to_one_is_a_config_error(frame: float) -> None:
+    with pytest.raises(ConfigError, match="frame="):
+        build_model("fast", frame=frame)
 
 
 @pytest.mark.parametrize(("normalize", "unit"), [(True, True), (False, False)])
@@ -136,7 +162,7 @@ def test_fast_overrides_set_the_embedding_size(
         "fast", input_px=input_px, width=width, widen=widen, blocks=blocks, final_pool=final_pool
     ).eval()
     assert model.config == ModelConfig(
-        "fast", input_px, width, blocks, True, final_pool=final_pool, views=5, widen=widen
+        "fast", input_px, width, blocks, True, final_pool=final_pool, views=5, widen=widen, frame=0.8
     )
     assert model.embedding_dim == dim
     with torch.no_grad():
@@ -178,7 +204,7 @@ def test_shift_moves_ink_one_pixel_without_wrapping() -> None:
 @pytest.mark.parametrize("views", [5, 9])
 def test_eval_embeddings_average_the_shifted_views(views: int) -> None:
     torch.manual_seed(0)
-    model = build_model("fast", views=views).eval()
+    model = build_model("fast", views=views, frame=0.0).eval()  # framing would recentre each shifted view
     images = ink(3, 28)
     with torch.no_grad():
         singles = [model.embed(shift(images, dx, dy), views=1) for dx, dy in VIEW_SHIFTS[views]]

@@ -22,7 +22,7 @@ from siamese_omniglot.data.augment import random_distortion
 from siamese_omniglot.data.images import to_ink
 from siamese_omniglot.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from siamese_omniglot.evaluate import best_threshold, embed_pixels, one_shot_accuracy, pair_logits, roc_auc
-from siamese_omniglot.models import ModelConfig, SiameseNetwork, resize_to
+from siamese_omniglot.models import ModelConfig, SiameseNetwork
 from siamese_omniglot.train import (
     EpochMetrics,
     Progress,
@@ -247,7 +247,9 @@ def test_wide_preset_trains_the_fast_network_with_more_channels(small: ImageSet,
     config = preset("wide", max_steps=2, batch_size=16, val_pairs=50)
     result = Trainer(config, small, tmp_path / "run", CPU).fit()
     state = torch.load(result.best_checkpoint, weights_only=True)
-    wide = ModelConfig("fast", input_px=28, width=64, blocks=4, normalize=True, final_pool=False, views=5, widen=2)
+    wide = ModelConfig(
+        "fast", input_px=28, width=64, blocks=4, normalize=True, final_pool=False, views=5, widen=2, frame=0.8
+    )
     assert state["model_config"] == wide.to_dict()
     assert state["model"]["head.weight"].shape == (1, 512 * 3 * 3)
 
@@ -256,6 +258,26 @@ def test_wide_preset_trains_the_fast_network_with_more_channels(small: ImageSet,
 def test_width_and_widen_must_be_positive(setting: str) -> None:
     with pytest.raises(ConfigError, match=f"invalid setting {setting}=0: must be positive"):
         preset("fast", **{setting: 0})
+
+
+@pytest.mark.parametrize("name", ["fast", "koch"])
+def test_training_steps_feed_the_distorted_batch_to_the_backbone_as_it_is(
+    name: str, small: ImageSet, tmp_path: Path
+) -> None:
+    """Batches are framed when staged and distorted after: the objectives must not frame them again."""
+    config = preset(name, frame=0.8, val_pairs=20, batch_size=4, input_px=28 if name == "fast" else 105)
+    trainer = Trainer(config, small, tmp_path, CPU)
+    seen = []
+    trainer.model.embedding.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    order = torch.arange(len(small))
+    trainer.train_step(order, seeded_generator(5))
+    if name == "fast":
+        expected = trainer.batch(order[:4], seeded_generator(5))
+    else:  # the pair objective: the sampler's pairs first, from the same stream
+        generator = seeded_generator(5)
+        pairs = trainer.sampler.sample(4, generator)
+        expected = trainer.batch(torch.cat([pairs.first, pairs.second]), generator)
+    torch.testing.assert_close(seen[0], expected)
 
 
 def test_training_batches_are_bent_by_the_configured_elastic_strength(small: ImageSet, tmp_path: Path) -> None:
@@ -284,7 +306,7 @@ def test_supersampled_distortions_keep_strokes_as_sharp_as_evaluation_images(ima
         batch = trainer.batch(index, seeded_generator(5))
         assert batch.shape == (len(index), 1, 28, 28)
         sharpness[factor] = ink_sharpness(batch)
-    clean = ink_sharpness(resize_to(to_ink(trainer.train_set.pixels[index]), 28))  # as the model sees outside training
+    clean = ink_sharpness(trainer.model.embedding.to_input(to_ink(trainer.train_set.pixels[index]), 28))  # as in eval
     assert abs(sharpness[3] / clean - 1) < 0.05
     assert sharpness[1] / clean < 0.9  # distorting at 28 px blurs the strokes
 

@@ -1,0 +1,67 @@
+"""Framing: characters centred and scaled to a share of the frame, whatever their place and size on the canvas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from siamese_omniglot.data import load_folder, to_ink
+from siamese_omniglot.data.framing import ZOOM_RANGE, frame_ink, ink_boxes
+
+
+def box(size_px: int, top: int, left: int, height: int, width: int, line_px: int = 3) -> torch.Tensor:
+    """An ink image [1, 1, size, size] holding the outline of a rectangle (strokes of ``line_px``)."""
+    ink = torch.zeros(1, 1, size_px, size_px)
+    ink[..., top : top + height, left : left + width] = 1
+    ink[..., top + line_px : top + height - line_px, left + line_px : left + width - line_px] = 0
+    return ink
+
+
+def area_28(ink: torch.Tensor) -> torch.Tensor:
+    """Ink images area-resized to 28 × 28, as the fast model sees them."""
+    return torch.nn.functional.interpolate(ink, size=(28, 28), mode="area")
+
+
+def test_ink_boxes_find_centre_and_longer_side() -> None:
+    centre_x, centre_y, side = ink_boxes(box(105, top=10, left=20, height=30, width=50))
+    assert (float(centre_x), float(centre_y), float(side)) == (44.5, 24.5, 50.0)
+
+
+def test_blank_image_keeps_the_canvas() -> None:
+    centre_x, centre_y, side = ink_boxes(torch.zeros(1, 1, 105, 105))
+    assert (float(centre_x), float(centre_y), float(side)) == (52.0, 52.0, 105.0)
+    assert frame_ink(torch.zeros(2, 1, 105, 105), 0.8).abs().max() == 0
+
+
+def test_framed_character_is_centred_and_fills_its_share() -> None:
+    framed = frame_ink(box(105, top=5, left=50, height=30, width=50), 0.8)  # zoom 1.68
+    assert framed.shape == (1, 1, 105, 105)
+    centre_x, centre_y, side = ink_boxes(framed)
+    assert abs(float(side) - 0.8 * 105) <= 2
+    assert abs(float(centre_x) - 52) <= 1 and abs(float(centre_y) - 52) <= 1
+
+
+def test_place_and_size_on_the_canvas_no_longer_matter() -> None:
+    small_corner = box(105, top=4, left=4, height=45, width=45, line_px=2)
+    large_centre = box(105, top=8, left=8, height=90, width=90, line_px=4)  # twice the size, lines too
+    framed = area_28(frame_ink(torch.cat([small_corner, large_centre]), 0.8))
+    assert (framed[0] - framed[1]).abs().mean() < 0.02
+    unframed = area_28(torch.cat([small_corner, large_centre]))
+    assert (unframed[0] - unframed[1]).abs().mean() > 0.1  # the same two drawings, as the canvas shows them
+
+
+def test_zoom_is_bounded() -> None:
+    dot = box(105, top=50, left=50, height=4, width=4, line_px=2)  # 80% of 105 would be a 21-fold zoom
+    _, _, side = ink_boxes(frame_ink(dot, 0.8))
+    assert float(side) == pytest.approx(4 * ZOOM_RANGE[1], abs=1)
+
+
+def test_real_characters_are_framed_alike(mini_background: Path) -> None:
+    images = load_folder(mini_background)
+    _, _, side = ink_boxes(frame_ink(to_ink(images.pixels[:200]), 0.8))
+    _, _, canvas_side = ink_boxes(to_ink(images.pixels[:200]))
+    fitted = (0.8 * 105 / canvas_side).clamp(*ZOOM_RANGE) * canvas_side  # the side each should reach
+    assert ((side - fitted).abs() <= 2).float().mean() > 0.95
+    assert side.std() < canvas_side.std() / 2  # sizes far more alike than on the canvas

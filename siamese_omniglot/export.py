@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .checkpoint import PREPROCESSING
-from .data.framing import frame_ink
+from .data.framing import area_matrix, frame_ink
 from .data.images import CANVAS_PX, to_ink
 from .errors import DependencyError, ExportError, OutputError
 from .files import atomic_write
@@ -70,34 +70,22 @@ class OnnxExport:
         }
 
 
-def area_matrix(in_px: int, out_px: int) -> torch.Tensor:
-    """The [out_px, in_px] matrix ``A`` with ``A @ x @ A.T`` equal to area resizing of x (adaptive average pooling).
-
-    ONNX has no adaptive pooling to sizes that do not divide the input (105 → 40), but area resizing is
-    separable: each output row averages a fixed range of input rows, and likewise for columns.
-    """
-    matrix = torch.zeros(out_px, in_px, dtype=torch.float64)
-    for i in range(out_px):
-        start, end = (i * in_px) // out_px, -((-(i + 1) * in_px) // out_px)  # the ranges of adaptive_avg_pool
-        matrix[i, start:end] = 1 / (end - start)
-    return matrix.float()
-
-
 class PixelEmbedding(nn.Module):
-    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, then the model's ``Embedding`` (its framing
-    and views included), an area resize written as two matrix products."""
+    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, the model's framing or area resize (either as
+    two matrix products), then its ``Embedding`` (views included)."""
 
     def __init__(self, model: SiameseNetwork, canvas_px: int = CANVAS_PX) -> None:
         super().__init__()
         self.embedding = model.embedding
         input_px = self.embedding.input_px
-        self.register_buffer("resize", area_matrix(canvas_px, input_px) if input_px != canvas_px else None)
+        resize = input_px != canvas_px and not self.embedding.frame  # framing resizes as it frames
+        self.register_buffer("resize", area_matrix(canvas_px, input_px) if resize else None)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         ink = (255 - pixels.float()).div(255).unsqueeze(1)
         if self.embedding.frame:
-            ink = frame_ink(ink, self.embedding.frame)
-        if self.resize is not None:
+            ink = frame_ink(ink, self.embedding.frame, self.embedding.input_px)
+        elif self.resize is not None:
             ink = self.resize @ ink @ self.resize.T
         return self.embedding.at_input_size(ink)
 

@@ -224,7 +224,7 @@ class Embedding(nn.Module):
     def to_input(self, images: torch.Tensor, size_px: int) -> torch.Tensor:
         """Ink images of any size as this model sees them, area-resized to ``size_px``: framed first when
         ``ModelConfig.frame`` is set."""
-        return resize_to(frame_ink(images, self.frame) if self.frame else images, size_px)
+        return frame_ink(images, self.frame, size_px) if self.frame else resize_to(images, size_px)
 
     def at_input_size(self, images: torch.Tensor, views: int | None = None) -> torch.Tensor:
         """``forward`` for images already as the backbone sees them: at its input size, framed where the model frames

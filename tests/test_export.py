@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from siamese_omniglot.errors import ExportError
-from siamese_omniglot.export import EMBEDDING_FILE, SCORER_FILE, OnnxExport, area_matrix, export_onnx
+from siamese_omniglot.export import EMBEDDING_FILE, SCORER_FILE, OnnxExport, export_onnx
 from siamese_omniglot.verify import BUNDLED_CHECKPOINT, Verifier
 
 onnx = pytest.importorskip("onnx")
@@ -38,14 +37,6 @@ def real_pixels(verifier: Verifier, mini_evaluation: Path) -> torch.Tensor:
 
 def session(path: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-@pytest.mark.parametrize(("in_px", "out_px"), [(105, 40), (105, 28), (105, 105), (10, 3)])
-def test_area_matrix_is_area_resizing(in_px: int, out_px: int) -> None:
-    images = torch.rand(3, 1, in_px, in_px)
-    matrix = area_matrix(in_px, out_px)
-    expected = F.interpolate(images, size=(out_px, out_px), mode="area")
-    assert torch.allclose(matrix @ images @ matrix.T, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 4, 11])

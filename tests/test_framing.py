@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from siamese_omniglot.data import load_folder, to_ink
-from siamese_omniglot.data.framing import ZOOM_RANGE, frame_ink, ink_boxes
+from siamese_omniglot.data.framing import ZOOM_RANGE, area_matrix, frame_ink, ink_boxes
 
 
 def box(size_px: int, top: int, left: int, height: int, width: int, line_px: int = 3) -> torch.Tensor:
@@ -21,7 +22,40 @@ def box(size_px: int, top: int, left: int, height: int, width: int, line_px: int
 
 def area_28(ink: torch.Tensor) -> torch.Tensor:
     """Ink images area-resized to 28 × 28, as the fast model sees them."""
-    return torch.nn.functional.interpolate(ink, size=(28, 28), mode="area")
+    return F.interpolate(ink, size=(28, 28), mode="area")
+
+
+def framed_by_grid_sample(ink: torch.Tensor, fill: float, size_px: int) -> torch.Tensor:
+    """What framing means, written the slow way: the framed canvas sampled bilinearly at twice its resolution by
+    ``grid_sample``, averaged down 2 × 2, then area-resized."""
+    _, _, height, width = ink.shape
+    centre_x, centre_y, side = ink_boxes(ink)
+    frame = height / (fill * height / side).clamp(*ZOOM_RANGE)
+    theta = torch.zeros(len(ink), 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = frame / width, (2 * centre_x + 1) / width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = frame / height, (2 * centre_y + 1) / height - 1
+    grid = F.affine_grid(theta, [len(ink), 1, 2 * height, 2 * width], align_corners=False)
+    sampled = F.grid_sample(ink, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.interpolate(F.avg_pool2d(sampled, 2), size=(size_px, size_px), mode="area")
+
+
+@pytest.mark.parametrize(("in_px", "out_px"), [(105, 40), (105, 28), (105, 105), (10, 3)])
+def test_area_matrix_is_area_resizing(in_px: int, out_px: int) -> None:
+    images = torch.rand(3, 1, in_px, in_px)
+    matrix = area_matrix(in_px, out_px)
+    expected = F.interpolate(images, size=(out_px, out_px), mode="area")
+    assert torch.allclose(matrix @ images @ matrix.T, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("size_px", [28, 84, 105])
+def test_matrix_framing_is_bilinear_sampling_pooled_and_resized(mini_background: Path, size_px: int) -> None:
+    ink = torch.cat([
+        to_ink(load_folder(mini_background).pixels[:30]),
+        box(105, top=0, left=0, height=20, width=105),  # a box at the edge: samples beyond the canvas are blank
+        box(105, top=50, left=50, height=4, width=4),  # a dot: zoom at its bound
+        torch.zeros(1, 1, 105, 105),
+    ])
+    assert torch.allclose(frame_ink(ink, 0.8, size_px), framed_by_grid_sample(ink, 0.8, size_px), atol=1e-4)
 
 
 def test_ink_boxes_find_centre_and_longer_side() -> None:

@@ -53,20 +53,14 @@ def model_only_step(trainer: so.Trainer):
     """One optimizer step on a batch already on the device and already distorted: the model's ceiling."""
     generator = so.data.seeded_generator(0, device=trainer.device)
     order = torch.randperm(len(trainer.train_set), generator=generator, device=generator.device)
+    # the training objective itself, on a fixed batch (as staged: framed and at the input size, then distorted)
     if trainer.classifier is not None:
         index = order[: trainer.config.batch_size].to(trainer.device)
         images, labels = trainer.batch(index, generator), trainer.labels[index]
-
-        def loss() -> torch.Tensor:
-            return F.cross_entropy(trainer.classifier(trainer.model.embed(images)).float(), labels)
-    else:
-        pairs = trainer.sampler.sample(trainer.config.batch_size, generator).to(trainer.device)
-        first, second = trainer.batch(torch.cat([pairs.first, pairs.second]), generator).chunk(2)
-
-        def loss() -> torch.Tensor:
-            return F.binary_cross_entropy_with_logits(trainer.model(first, second).float(), pairs.same.float())
-
-    return lambda: trainer.optimize(loss)
+        return lambda: trainer.optimize(lambda: trainer.objective(images, labels))
+    pairs = trainer.sampler.sample(trainer.config.batch_size, generator).to(trainer.device)
+    first, second = trainer.batch(torch.cat([pairs.first, pairs.second]), generator).chunk(2)
+    return lambda: trainer.optimize(lambda: trainer.objective(first, second, pairs.same))
 
 
 class PngItems(torch.utils.data.Dataset):

@@ -35,6 +35,7 @@ from .models import SiameseNetwork
 from .verify import Verifier
 
 DEFAULT_OPSET = 17
+FRAMING_OPSET = 16  # the first opset whose ScatterElements can add
 TOLERANCE = 1e-4  # largest absolute difference from PyTorch accepted in float32
 EMBEDDING_FILE = "embedding.onnx"
 SCORER_FILE = "scorer.onnx"
@@ -153,6 +154,9 @@ def export_onnx(
     if isinstance(model, Verifier):
         threshold = model.threshold if threshold is None else threshold
         model = model.model
+    if model.config.frame and opset < FRAMING_OPSET:
+        # framing sums sampling weights with a scatter-add, which ONNX has only from opset 16 (ScatterElements)
+        raise ExportError(f"a model that frames its input needs ONNX opset {FRAMING_OPSET} or later, not {opset}")
     network = _cpu_copy(model)
     embedding, scorer = PixelEmbedding(network).eval(), PairScorer(network).eval()
     out_dir = Path(out_dir)

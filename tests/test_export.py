@@ -113,8 +113,9 @@ def test_cli_export_without_a_checkpoint_exports_the_bundled_model(run_siamese, 
     [
         (["CHECKPOINT", "--out", "onnx", "--format", "tflite"], (), "unknown export format 'tflite'"),
         (["CHECKPOINT", "--out", "onnx"], ("onnxruntime",), "pip install 'siamese-omniglot[onnx]'"),
+        (["CHECKPOINT", "--out", "onnx", "--opset", "15"], (), "frames its input needs ONNX opset 16 or later, not 15"),
     ],
-    ids=["unknown-format", "no-onnxruntime"],
+    ids=["unknown-format", "no-onnxruntime", "framing-below-opset-16"],
 )
 def test_cli_export_errors_are_one_line(
     args: list[str], blocked: tuple[str, ...], message: str, tiny_checkpoint: Path, run_siamese, tmp_path: Path

@@ -86,6 +86,15 @@ def test_place_and_size_on_the_canvas_no_longer_matter() -> None:
     assert (unframed[0] - unframed[1]).abs().mean() > 0.1  # the same two drawings, as the canvas shows them
 
 
+def test_one_zoom_for_both_axes_of_a_wide_canvas() -> None:
+    ink = torch.zeros(1, 1, 60, 120)
+    ink[..., 20:40, 30:50] = 1  # a 20 × 20 square
+    inked = frame_ink(ink, 0.8)[0, 0] > 0.5
+    assert inked.shape == (60, 120)
+    height, width = int(inked.any(1).sum()), int(inked.any(0).sum())
+    assert height == width == 40  # zoomed twice (the bound) along both axes: still a square
+
+
 def test_zoom_is_bounded() -> None:
     dot = box(105, top=50, left=50, height=4, width=4, line_px=2)  # 80% of 105 would be a 21-fold zoom
     _, _, side = ink_boxes(frame_ink(dot, 0.8))

@@ -69,9 +69,9 @@ def frame_ink(ink: torch.Tensor, fill: float, size_px: int | None = None) -> tor
     size = (height, width) if size_px is None else (size_px, size_px)
     centre_x, centre_y, side = ink_boxes(ink)
     zoom = (fill * max(height, width) / side).clamp(*ZOOM_RANGE)
-    frame = max(height, width) / zoom  # canvas pixels the frame spans
-    rows = _axis_matrices(centre_y, frame, height, size[0])
-    columns = _axis_matrices(centre_x, frame, width, size[1])
+    # the frame spans length / zoom canvas pixels along each axis: one zoom for both, so shapes keep their aspect
+    rows = _axis_matrices(centre_y, height / zoom, height, size[0])
+    columns = _axis_matrices(centre_x, width / zoom, width, size[1])
     return (rows @ ink[:, 0] @ columns.transpose(1, 2)).unsqueeze(1)
 
 

@@ -52,9 +52,9 @@ def rate(trainer: so.Trainer, step, warmup: int, steps: int, repeats: int) -> fl
 def model_only_step(trainer: so.Trainer):
     """One optimizer step on a batch already on the device and already distorted: the model's ceiling."""
     generator = so.data.seeded_generator(0, device=trainer.device)
-    order = torch.randperm(len(trainer.train_set), generator=generator, device=generator.device)
     # the training objective itself, on a fixed batch (as staged: framed and at the input size, then distorted)
     if trainer.classifier is not None:
+        order = torch.randperm(len(trainer.train_set), generator=generator, device=generator.device)
         index = order[: trainer.config.batch_size].to(trainer.device)
         images, labels = trainer.batch(index, generator), trainer.labels[index]
         return lambda: trainer.optimize(lambda: trainer.objective(images, labels))

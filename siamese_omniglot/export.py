@@ -27,7 +27,6 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .checkpoint import PREPROCESSING
-from .data.framing import area_matrix, frame_ink
 from .data.images import CANVAS_PX, to_ink
 from .errors import DependencyError, ExportError, OutputError
 from .files import atomic_write
@@ -72,23 +71,15 @@ class OnnxExport:
 
 
 class PixelEmbedding(nn.Module):
-    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ``to_ink``, the model's framing or area resize (either as
-    two matrix products), then its ``Embedding`` (views included)."""
+    """uint8 canvas pixels [N, H, W] → embeddings [N, D]: ink, then the model's ``Embedding`` (its framing or area
+    resize, both matrix products, and its views)."""
 
-    def __init__(self, model: SiameseNetwork, canvas_px: int = CANVAS_PX) -> None:
+    def __init__(self, model: SiameseNetwork) -> None:
         super().__init__()
         self.embedding = model.embedding
-        input_px = self.embedding.input_px
-        resize = input_px != canvas_px and not self.embedding.frame  # framing resizes as it frames
-        self.register_buffer("resize", area_matrix(canvas_px, input_px) if resize else None)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        ink = (255 - pixels.float()).div(255).unsqueeze(1)
-        if self.embedding.frame:
-            ink = frame_ink(ink, self.embedding.frame, self.embedding.input_px)
-        elif self.resize is not None:
-            ink = self.resize @ ink @ self.resize.T
-        return self.embedding.at_input_size(ink)
+        return self.embedding((255 - pixels.float()).div(255).unsqueeze(1))
 
 
 class PairScorer(nn.Module):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .data.framing import frame_ink
+from .data.framing import frame_ink, resize_to
 from .errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,6 @@ def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     height, width = images.shape[-2:]
     padded = F.pad(images, (1, 1, 1, 1))
     return padded[..., 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
-
-
-def resize_to(images: torch.Tensor, size_px: int) -> torch.Tensor:
-    """Area-resize [N, C, H, W] images to ``size_px``² (a no-op when already that size)."""
-    if images.shape[-2:] == (size_px, size_px):
-        return images
-    return F.interpolate(images, size=(size_px, size_px), mode="area")
 
 
 class FastEmbedding(nn.Module):

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 
 from . import devices
+from .data.framing import resize_to
 from .data.images import to_ink
 from .errors import ConfigError
-from .models import resize_to
 
 log = logging.getLogger(__name__)
 PLACEMENTS = ("auto", "device", "host")

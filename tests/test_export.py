@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from siamese_omniglot.data import to_ink
 from siamese_omniglot.errors import ExportError
 from siamese_omniglot.export import EMBEDDING_FILE, SCORER_FILE, OnnxExport, export_onnx
+from siamese_omniglot.models import build_model
 from siamese_omniglot.verify import BUNDLED_CHECKPOINT, Verifier
 
 onnx = pytest.importorskip("onnx")
@@ -81,6 +83,15 @@ def test_models_declare_a_dynamic_batch_and_carry_the_threshold(exported: OnnxEx
         assert json.loads(metadata["siamese.threshold"]) == verifier.threshold
         assert json.loads(metadata["siamese.model_config"]) == verifier.model.config.to_dict()
         assert metadata["siamese.role"] == role
+
+
+def test_a_model_that_resizes_without_framing_exports(real_pixels: torch.Tensor, tmp_path: Path) -> None:
+    model = build_model("fast", frame=0.0, input_px=40).eval()  # 105 → 40: area ranges that overlap
+    exported = export_onnx(model, tmp_path / "out", threshold=0.5)
+    (embeddings,) = session(exported.embedding_path).run(None, {"pixels": real_pixels.numpy()})
+    with torch.no_grad():
+        expected = model.embed(to_ink(real_pixels)).numpy()
+    assert np.abs(embeddings - expected).max() < 1e-4
 
 
 def test_a_failed_check_writes_nothing(verifier: Verifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,8 @@ blown up to fill the frame.
 Framing, like the area resize after it, moves each row and each column of pixels on its own: a character is
 scaled and shifted, never turned. Both are therefore one matrix per image for the rows and one for the columns,
 and :func:`frame_ink` frames and resizes in two batched matrix products: on the model's device, under
-autograd-free inference and in an exported ONNX graph alike.
+autograd-free inference and in an exported ONNX graph alike. A model that does not frame area-resizes its input in
+two matrix products too (:func:`resize_to`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def area_matrix(in_px: int, out_px: int) -> torch.Tensor:
         start, end = (i * in_px) // out_px, -((-(i + 1) * in_px) // out_px)  # the ranges of adaptive_avg_pool
         matrix[i, start:end] = 1 / (end - start)
     return torch.from_numpy(matrix).float()
+
+
+def resize_to(images: torch.Tensor, size_px: int) -> torch.Tensor:
+    """Area-resize [N, C, H, W] images to ``size_px``² (a no-op when already that size), as two matrix products."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size_px, size_px):
+        return images
+    return area_matrix(height, size_px).to(images) @ images @ area_matrix(width, size_px).to(images).T
 
 
 def ink_boxes(ink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

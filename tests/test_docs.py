@@ -70,3 +70,15 @@ def test_every_page_is_in_the_navigation() -> None:
     config = (REPO / "mkdocs.yml").read_text()
     for page in DOCS.glob("*.md"):
         assert re.search(rf":\s*{re.escape(page.name)}\s*$", config, re.MULTILINE), f"{page.name} is not in nav"
+
+
+def test_every_test_the_guarantees_name_exists() -> None:
+    """Each ``tests/FILE.py::NAME`` of guarantees.md, and each ``::NAME`` after it (the same file), is a test."""
+    named: list[tuple[str, str]] = []
+    for cell in re.findall(r"`((?:tests/\w+\.py)?::\w+)`", (DOCS / "guarantees.md").read_text()):
+        path, name = cell.split("::")
+        named.append((path or named[-1][0], name))
+    assert len(named) > 20
+    missing = [f"{path}::{name}" for path, name in named
+               if not re.search(rf"^def {name}\(", (REPO / path).read_text(), re.MULTILINE)]
+    assert missing == []

@@ -25,6 +25,8 @@ from .errors import CheckpointError
 from .files import atomic_write
 
 FORMAT_VERSION = 1
+ZIP_MAGIC = b"PK\x03\x04"  # how a file torch.save writes begins (a zip archive)
+PICKLE_MAGIC = b"\x80"  # or, in its legacy format, a pickle
 PREPROCESSING = {
     "canvas_px": 105,
     "ink": "1 - gray / 255 (strokes = 1, paper = 0)",
@@ -59,6 +61,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     try:
+        with path.open("rb") as file:
+            head = file.read(len(ZIP_MAGIC))
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if not head:
+        raise CheckpointError(f"{path}: not a readable checkpoint (the file is empty)")
+    if head != ZIP_MAGIC and head[:1] != PICKLE_MAGIC:  # an image, a text, another format
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
+    try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # the weights-only unpickler names the class or function it met ("Unsupported global: …"): code, not data
@@ -77,6 +88,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     wrong = [key for key, kind in kinds.items() if not isinstance(state[key], kind) or isinstance(state[key], bool)]
     if wrong:
         raise CheckpointError(f"{path}: not a siamese-omniglot checkpoint ({wrong[0]} has the wrong type)")
+    if not 0 <= state["threshold"] <= 1:  # NaN too
+        raise CheckpointError(f"{path}: its threshold {state['threshold']!r} is not a score between 0 and 1")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {state['format_version']} is newer than this version reads "
@@ -86,4 +99,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def _first_line(error: BaseException) -> str:
-    return next(iter(str(error).splitlines()), type(error).__name__)
+    """What went wrong, in one line: the first of the error's, or the unpickler's own reason after torch's notice
+    about ``weights_only`` (whose advice, to load without it, would run whatever code the file holds)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reasons = [line.split("error:", 1)[1].strip() for line in lines if "WeightsUnpickler error:" in line]
+        return reasons[0] if reasons else "damaged"
+    return lines[0] if lines else type(error).__name__

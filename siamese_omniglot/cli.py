@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -75,7 +75,7 @@ def _errors_as_exit() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _progress_bar() -> Iterator[callable]:
+def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
     """A progress callback ``(what, done, total)``: a Rich bar on a terminal, nothing otherwise."""
     if not err.is_terminal:
         yield lambda what, done, total: None
@@ -219,8 +219,7 @@ def train(
             run_dir = out_dir or resume.parent
         if processes > 1 and "WORLD_SIZE" not in os.environ:
             devices.resolve_device(device)
-            if resume is None:
-                check_run_dir(run_dir)
+            check_run_dir(run_dir, resume)
             with _progress_bar() as update:  # fetch and decode once, before the workers
                 load_training_set(data, mirror, progress=update, skip_bad_images=skip_bad_images)
             err.print(f"starting {processes} processes through torch.distributed.run", highlight=False)
@@ -233,26 +232,21 @@ def train(
                 raise TrainingError(f"the training processes failed (exit code {code}); see their messages above")
             return
         context, torch_device = init_distributed(device)
-        if resume is None and context.is_main:
-            check_run_dir(run_dir)
+        if context.is_main:
+            check_run_dir(run_dir, resume)
         with context.main_first(), _progress_bar() as update:
             images = load_training_set(data, mirror, progress=update if context.is_main else None,
                                        skip_bad_images=skip_bad_images)
-        records = None
-        if context.is_main:
-            try:  # refuse an unwritable folder now, not after the first epoch
-                run_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile(dir=run_dir):
-                    pass
-            except OSError as error:
-                raise OutputError(f"{run_dir}: cannot write there ({error.strerror or error})") from None
-            where = f"{torch_device} × {context.world_size}" if context.enabled else str(torch_device)
-            err.print(f"training preset {config.preset} on {where} → {run_dir}", markup=False, highlight=False)
-            records = run_dir / "dllogger.json"
         try:
-            with _training_display(records) as (on_progress, on_epoch):
+            records = run_dir / "dllogger.json" if context.is_main else None
+            with _training_display(records) as (announce, on_progress, on_epoch):
+                # built first: data too small to split is refused before the run folder is made
                 trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, dist=context,
                                   staging=staging, compile=compile_step)
+                if context.is_main:
+                    _check_writable(run_dir)
+                    where = f"{torch_device} × {context.world_size}" if context.enabled else str(torch_device)
+                    announce(f"training preset {config.preset} on {where} → {run_dir}")
                 result = trainer.fit(resume=resume, stop_after=stop_after)
         finally:
             shutdown(context)
@@ -269,6 +263,16 @@ def train(
     if trainer.step < trainer.total_steps:
         out.print(f"paused at step {trainer.step} of {trainer.total_steps}; continue with: siamese train --resume "
                   f"{result.last_checkpoint}", markup=False, highlight=False)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Make the run folder and refuse it now, not after the first epoch, when nothing can be written there."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise OutputError(f"{run_dir}: cannot write there ({error.strerror or error})") from None
 
 
 def _worker_args(config, resume: Path | None, **given) -> list[str]:
@@ -293,45 +297,49 @@ def _worker_args(config, resume: Path | None, **given) -> list[str]:
 
 @contextlib.contextmanager
 def _training_display(records: Path | None):
-    """Callbacks for the Trainer: a live bar with loss, pairs/s and ETA on a terminal, plain lines otherwise;
-    progress also goes to ``records`` through ``tcap_dllogger`` when that is installed."""
+    """``announce(line)``, to call once a run is accepted, and the Trainer's ``on_progress`` and ``on_epoch``: a live
+    bar with loss, pairs/s and ETA on a terminal, plain lines otherwise. From the announcement on, progress also
+    goes to ``records`` through ``tcap_dllogger`` when that is installed; before it nothing is shown or written,
+    so a run refused while it starts leaves only its error."""
     from .dllog import dllogger_callback
     from .train import EpochMetrics
     from .train import Progress as TrainProgress
 
-    record = dllogger_callback(records) if records is not None else None
+    record = None
+    bar = None if not err.is_terminal else Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"), console=err)
+    task = bar.add_task("training", total=None, status="") if bar is not None else None
 
-    def also_record(show):
-        def both(p: TrainProgress) -> None:
-            show(p)
-            if record is not None:
-                record(p)
+    def announce(line: str) -> None:
+        nonlocal record
+        err.print(line, markup=False, highlight=False)
+        record = dllogger_callback(records) if records is not None else None
+        if bar is not None:
+            bar.start()
 
-        return both
+    def on_progress(p: TrainProgress) -> None:
+        if bar is None:
+            err.print(f"step {p.step}/{p.total_steps} epoch {p.epoch + 1}: loss {p.loss:.4f}, lr {p.lr:.3g}, "
+                      f"{p.pairs_per_s:,.0f} pairs/s, {p.images_per_s:,.0f} images/s", highlight=False)
+        else:
+            bar.update(task, total=p.total_steps, completed=p.step,
+                       status=f"loss {p.loss:.4f} · {p.pairs_per_s:,.0f} pairs/s")
+        if record is not None:
+            record(p)
 
-    def epoch_line(m: EpochMetrics) -> str:
-        return (f"epoch {m.epoch} step {m.step}: train loss {m.train_loss:.4f}, val loss {m.val_loss:.4f}, "
+    def on_epoch(m: EpochMetrics) -> None:
+        line = (f"epoch {m.epoch} step {m.step}: train loss {m.train_loss:.4f}, val loss {m.val_loss:.4f}, "
                 f"val accuracy {m.val_accuracy:.4f}, val ROC AUC {m.val_roc_auc:.4f}"
                 + ("" if m.val_one_shot is None else f", val 1-shot {m.val_one_shot:.4f}")
                 + f", {m.pairs_per_s:,.0f} pairs/s")
+        (err if bar is None else bar.console).print(line, highlight=False)
 
-    if not err.is_terminal:
-        def plain(p: TrainProgress) -> None:
-            err.print(f"step {p.step}/{p.total_steps} epoch {p.epoch + 1}: loss {p.loss:.4f}, lr {p.lr:.3g}, "
-                      f"{p.pairs_per_s:,.0f} pairs/s, {p.images_per_s:,.0f} images/s", highlight=False)
-
-        yield also_record(plain), lambda m: err.print(epoch_line(m), highlight=False)
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[status]}"))
-    with Progress(*columns, console=err) as progress:
-        task = progress.add_task("training", total=None, status="")
-
-        def live(p: TrainProgress) -> None:
-            progress.update(task, total=p.total_steps, completed=p.step,
-                            status=f"loss {p.loss:.4f} · {p.pairs_per_s:,.0f} pairs/s")
-
-        yield also_record(live), lambda m: progress.console.print(epoch_line(m), highlight=False)
+    try:
+        yield announce, on_progress, on_epoch
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 @app.command("eval")
@@ -366,16 +374,19 @@ def evaluate(
     with _errors_as_exit():
         if plot is not None:
             _require_plotting()
+            if plot.exists() and not plot.is_dir():
+                raise OutputError(f"{plot}: is a file; --plot names a folder to draw in")
         checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
         with _progress_bar() as update:
             images = load_evaluation_set(data, mirror, progress=update)
         lake = load_lake_runs(runs) if runs is not None else None
-        embeddings = embed_pixels(verifier.model, images.pixels, verifier.device)
+        # drawn before the images are embedded: a --way or --shot the data cannot give is refused at once
         pair_list = fixed_pairs(images, pairs, seed, within_group=1.0)
+        sampled = sample_episodes(images, way, shot, trials, seed)
+        embeddings = embed_pixels(verifier.model, images.pixels, verifier.device)
         logits = pair_logits(verifier.model, embeddings, pair_list)
         verification = pair_metrics(logits, pair_list.same, verifier.threshold)
-        sampled = sample_episodes(images, way, shot, trials, seed)
         episodes = one_shot_accuracy(verifier.model, embeddings, sampled)
         official = lake_runs_accuracy(verifier.model, lake, verifier.device) if lake is not None else None
         if plot is not None:

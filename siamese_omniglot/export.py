@@ -14,10 +14,14 @@ Exporting needs the ``onnx`` extra (``pip install 'siamese-omniglot[onnx]'``): `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -151,45 +155,80 @@ def export_onnx(
     network = _cpu_copy(model)
     embedding, scorer = PixelEmbedding(network).eval(), PairScorer(network).eval()
     out_dir = Path(out_dir)
+    with _output_folder(out_dir):
+        metadata = {
+            "siamese.threshold": json.dumps(threshold),
+            "siamese.model_config": json.dumps(network.config.to_dict()),
+            "siamese.preprocessing": json.dumps(PREPROCESSING),
+            "siamese.embedding_dim": str(network.embedding_dim),
+        }
+        dim = network.embedding_dim
+        embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
+        for path in (embedding_path, scorer_path):
+            if path.is_dir():
+                raise OutputError(f"{path}: is a folder; remove it or choose another --out")
+        # both files appear together when the check passes, and neither when anything fails
+        try:
+            with atomic_write(embedding_path) as embedding_file, atomic_write(scorer_path) as scorer_file:
+                embedding_tmp, scorer_tmp = Path(embedding_file.name), Path(scorer_file.name)
+                sample = check_pixels(2)
+                _export(embedding, (sample,), embedding_tmp, ["pixels"], ["embeddings"], opset)
+                vectors = torch.zeros(2, dim)
+                _export(scorer, (vectors, vectors), scorer_tmp, ["first", "second"], ["logits", "scores"], opset)
+                for path, role in ((embedding_tmp, "embedding"), (scorer_tmp, "scorer")):
+                    _add_metadata(onnx, path, metadata | {"siamese.role": role})
+                embedding_diff, scorer_diff = _compare(ort, network, embedding_tmp, scorer_tmp)
+                if max(embedding_diff, scorer_diff) > tolerance:
+                    raise ExportError(
+                        f"onnxruntime differs from PyTorch by {max(embedding_diff, scorer_diff):.3g} (embeddings "
+                        f"{embedding_diff:.3g}, scores {scorer_diff:.3g}), more than {tolerance:g}; nothing was "
+                        f"written. Try another --opset, or report the torch and onnxruntime versions"
+                    )
+        except OSError as error:  # a full disk or a read-only folder: the temporary files are gone
+            raise OutputError(f"{out_dir}: cannot write the models there ({error.strerror or error})") from None
+        return OnnxExport(
+            embedding_path=embedding_path,
+            scorer_path=scorer_path,
+            embedding_dim=dim,
+            threshold=threshold,
+            opset=opset,
+            embedding_max_abs_diff=embedding_diff,
+            scorer_max_abs_diff=scorer_diff,
+            tolerance=tolerance,
+            check_batches=CHECK_BATCHES,
+        )
+
+
+@contextlib.contextmanager
+def _output_folder(out_dir: Path) -> Iterator[None]:
+    """Make ``out_dir`` (parents included) for a block; remove it again when the block fails and leaves it empty."""
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"{out_dir}: cannot create ({error.strerror})") from None
-    metadata = {
-        "siamese.threshold": json.dumps(threshold),
-        "siamese.model_config": json.dumps(network.config.to_dict()),
-        "siamese.preprocessing": json.dumps(PREPROCESSING),
-        "siamese.embedding_dim": str(network.embedding_dim),
-    }
-    dim = network.embedding_dim
-    embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
-    # both files appear together when the check passes, and neither when anything fails
-    with atomic_write(embedding_path) as embedding_file, atomic_write(scorer_path) as scorer_file:
-        embedding_tmp, scorer_tmp = Path(embedding_file.name), Path(scorer_file.name)
-        sample = check_pixels(2)
-        _export(embedding, (sample,), embedding_tmp, ["pixels"], ["embeddings"], opset)
-        vectors = torch.zeros(2, dim)
-        _export(scorer, (vectors, vectors), scorer_tmp, ["first", "second"], ["logits", "scores"], opset)
-        for path, role in ((embedding_tmp, "embedding"), (scorer_tmp, "scorer")):
-            _add_metadata(onnx, path, metadata | {"siamese.role": role})
-        embedding_diff, scorer_diff = _compare(ort, network, embedding_tmp, scorer_tmp)
-        if max(embedding_diff, scorer_diff) > tolerance:
-            raise ExportError(
-                f"onnxruntime differs from PyTorch by {max(embedding_diff, scorer_diff):.3g} (embeddings "
-                f"{embedding_diff:.3g}, scores {scorer_diff:.3g}), more than {tolerance:g}; nothing was written. "
-                f"Try another --opset, or report the torch and onnxruntime versions"
-            )
-    return OnnxExport(
-        embedding_path=embedding_path,
-        scorer_path=scorer_path,
-        embedding_dim=dim,
-        threshold=threshold,
-        opset=opset,
-        embedding_max_abs_diff=embedding_diff,
-        scorer_max_abs_diff=scorer_diff,
-        tolerance=tolerance,
-        check_batches=CHECK_BATCHES,
-    )
+    try:
+        yield
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _no_standard_output() -> Iterator[None]:
+    """Discard what a block writes to file descriptor 1: the exporter's C++ side prints the whole graph there when
+    it fails, which would corrupt ``--json`` output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _cpu_copy(model: SiameseNetwork) -> SiameseNetwork:
@@ -203,7 +242,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         # the TorchScript exporter: it needs no onnxscript, and torch 2.4 (no such argument) uses it anyway
         options["dynamo"] = False
     dynamic = {name: {0: "batch"} for name in [*inputs, *outputs]}
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _no_standard_output():
         warnings.simplefilter("ignore")  # deprecation notices about the exporter itself
         try:
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,

@@ -122,7 +122,9 @@ def model_fingerprint(model: SiameseNetwork) -> str:
     return digest.hexdigest()
 
 
-def load_support(folder: str | Path, embed: EmbedFn, model_key: str, cache: bool = True) -> Support:
+def load_support(
+    folder: str | Path, embed: EmbedFn, model_key: str, cache: bool = True, dim: int | None = None
+) -> Support:
     """Read a support folder and embed its images, or take the embeddings from the cache.
 
     Args:
@@ -130,6 +132,7 @@ def load_support(folder: str | Path, embed: EmbedFn, model_key: str, cache: bool
         embed: turns uint8 canvases [N, H, W] into embeddings [N, D].
         model_key: identifies the model (see :func:`model_fingerprint`); part of the cache key.
         cache: read and write ``folder/.siamese-cache/``.
+        dim: the length of the model's embeddings; a cache holding others is ignored (any length when None).
     """
     folder = Path(folder).expanduser()
     entries = scan_support(folder)
@@ -150,7 +153,7 @@ def load_support(folder: str | Path, embed: EmbedFn, model_key: str, cache: bool
     cache_path = folder / CACHE_DIR / f"{prefix}{digest.hexdigest()[:20]}.npz" if cache else None
 
     if cache_path is not None and cache_path.is_file():
-        embeddings = _read_cache(cache_path, paths)
+        embeddings = _read_cache(cache_path, paths, dim)
         if embeddings is not None:
             return Support(folder, class_names, paths, labels, embeddings, cache_path, from_cache=True)
     pixels = torch.from_numpy(np.stack([decode_image(contents[p], str(folder / p)) for p in paths]))
@@ -175,14 +178,16 @@ def _write_cache(path: Path, paths: tuple[str, ...], embeddings: torch.Tensor) -
         np.savez(file, paths=np.array(paths), embeddings=embeddings.numpy())
 
 
-def _read_cache(path: Path, paths: tuple[str, ...]) -> torch.Tensor | None:
+def _read_cache(path: Path, paths: tuple[str, ...], dim: int | None) -> torch.Tensor | None:
     try:
         with np.load(path, allow_pickle=False) as stored:
             if tuple(str(p) for p in stored["paths"]) != paths:
                 raise ValueError("other images")
             embeddings = np.asarray(stored["embeddings"], dtype=np.float32)
-        if embeddings.ndim != 2 or len(embeddings) != len(paths):
+        if embeddings.ndim != 2 or len(embeddings) != len(paths) or dim not in (None, embeddings.shape[1]):
             raise ValueError("wrong shape")
+        if not np.isfinite(embeddings).all():
+            raise ValueError("not numbers")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         log.warning("ignoring unreadable cache %s", path)
         return None

@@ -12,7 +12,8 @@ _COLOURS = ((200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 80, 170))
 
 
 def line_chart(
-    series: dict[str, Sequence[float]], path: str | Path, title: str, x_label: str = "epoch", size=(720, 440)
+    series: dict[str, Sequence[float]], path: str | Path, title: str, x_label: str = "epoch",
+    size: tuple[int, int] = (720, 440),
 ) -> Path:
     """Draw one line per named series (x = 1, 2, …) with axes, ticks and a legend; save as PNG."""
     return panel_chart({"": series}, path, title, x_label, size)
@@ -23,7 +24,7 @@ def panel_chart(
     path: str | Path,
     title: str,
     x_label: str = "epoch",
-    size=(720, 440),
+    size: tuple[int, int] = (720, 440),
 ) -> Path:
     """Draw panels side by side, each with its own y scale and one line per named series; save as PNG.
 

@@ -144,8 +144,11 @@ def default_out_dir() -> Path:
     return Path("logs") / datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
 
 
-def check_run_dir(out_dir: Path) -> None:
-    """Refuse a run folder that is a file or already holds checkpoints (nothing written is ever overwritten)."""
+def check_run_dir(out_dir: Path, resume: str | Path | None = None) -> None:
+    """Refuse a run folder that is a file or already holds checkpoints (nothing written is ever overwritten), unless
+    it is the folder of the checkpoint being resumed: that run's own."""
+    if resume is not None and out_dir.resolve() == Path(resume).resolve().parent:
+        return
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: is a file; --out must name a folder")
     if out_dir.is_dir() and any(out_dir.glob("*.pt")):
@@ -362,6 +365,8 @@ class Trainer:
                 bit for bit, as a run that never paused.
         """
         if resume is not None:
+            if self.dist.is_main:
+                check_run_dir(self.out_dir, resume)
             self._restore(resume)
         elif self.dist.is_main:
             self._prepare_out_dir()
@@ -633,6 +638,8 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 if not (self.out_dir / "config.json").exists():
                     self._write_config()
+                if Path(path).resolve().parent != self.out_dir.resolve():  # the run goes on in a new folder
+                    self._carry_over(state, Path(path))
                 self._repair_best(state)
                 if self.history:
                     self._write_logs()  # drop what a crash left of later epochs
@@ -655,6 +662,19 @@ class Trainer:
             log.warning("%s does not hold the best epoch so far (step %d); writing it from the resumed checkpoint",
                         best, state["training"]["step"])
             save_checkpoint(state, best)
+
+    def _carry_over(self, state: dict, source: Path) -> None:
+        """Start a new run folder for a run resumed from ``source`` elsewhere: ``last.pt`` from the resumed state,
+        and ``best.pt`` from the one beside ``source`` while no later epoch has beaten it."""
+        save_checkpoint(state, self.out_dir / "last.pt")
+        earlier = source.parent / "best.pt"
+        try:
+            carried = load_checkpoint(earlier) if earlier.exists() else None
+        except CheckpointError as error:
+            log.warning("%s; the new run folder starts without a best.pt", error)
+            carried = None
+        if carried is not None and carried["training"]["best_score"] == state["training"]["best_score"]:
+            save_checkpoint(carried, self.out_dir / "best.pt")
 
     def _prepare_out_dir(self) -> None:
         check_run_dir(self.out_dir)

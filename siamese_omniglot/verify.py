@@ -12,14 +12,14 @@ import torch
 from . import devices
 from .checkpoint import load_checkpoint
 from .data.images import fit_to_canvas, read_image
-from .errors import CheckpointError, ConfigError, SiameseError
+from .errors import CheckpointError, ConfigError, DataError, SiameseError
 from .evaluate import embed_pixels
 from .gallery import Classification, Support, class_scores, load_support, model_fingerprint, rank_classes
 from .models import ModelConfig, SiameseNetwork, fold_batch_norm
 
 ImageLike = str | Path | np.ndarray | torch.Tensor
 
-# Where a bundled model would live; none ships yet (a release may add one).
+# The bundled model: the fast preset's trained weights (docs/results.md says which run)
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "fast.pt"
 
 
@@ -82,17 +82,21 @@ class Verifier:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as error:
-            reason = str(error).splitlines()[0]
-            raise CheckpointError(f"{path}: weights do not fit its model config ({reason})") from None
+            raise CheckpointError(f"{path}: weights do not fit its model config ({_mismatch(error)})") from None
         return cls(fold_batch_norm(model), float(state["threshold"]), device)
 
     def pixels(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:
-        """Decode paths (or take uint8 arrays [H, W] or batches [N, H, W]) into canvas images [N, H, W]."""
+        """Decode paths (or take gray-level arrays [H, W] or batches [N, H, W], 255 = paper) into canvas images
+        [N, H, W], each padded to square and resized to the canvas as image files are.
+
+        Raises:
+            DataError: an array that is not of gray levels: floats, or integers outside 0–255.
+        """
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
-            return torch.as_tensor(images, dtype=torch.uint8)
+            images = list(_gray_levels(images))
         items = images if isinstance(images, list) else [images]
-        arrays = [read_image(i) if isinstance(i, (str, Path)) else fit_to_canvas(np.asarray(i)) for i in items]
-        return torch.from_numpy(np.stack(arrays).astype(np.uint8))
+        arrays = [read_image(i) if isinstance(i, (str, Path)) else fit_to_canvas(_gray_levels(i)) for i in items]
+        return torch.from_numpy(np.stack(arrays))
 
     def embed(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:
         """Embeddings [N, D] of image files or uint8 arrays (255 = paper)."""
@@ -116,7 +120,7 @@ class Verifier:
 
     def load_support(self, folder: str | Path, cache: bool = True) -> Support:
         """Embed a support folder (``<class>/<image>`` or ``<class>.png``), or read it from its cache."""
-        return load_support(folder, self.embed, self.fingerprint, cache)
+        return load_support(folder, self.embed, self.fingerprint, cache, dim=self.model.embedding_dim)
 
     def classify(
         self, queries: ImageLike | list[ImageLike], support: str | Path | Support, top_k: int = 5, cache: bool = True
@@ -146,3 +150,20 @@ class Verifier:
         scores = class_scores(self.model, self.embed(items), support)
         return rank_classes(scores, support, names, top_k, self.threshold)
 
+
+def _mismatch(error: RuntimeError, limit: int = 160) -> str:
+    """The first particular of ``load_state_dict``'s error (its first line only names the module), shortened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
+
+
+def _gray_levels(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An array of gray levels as uint8, refusing what would be silently misread (floats of ink in [0, 1])."""
+    array = image.numpy(force=True) if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iu" or array.size and not 0 <= array.min() <= array.max() <= 255:
+        raise DataError(f"image arrays hold gray levels 0–255 (uint8, 255 = paper), not {array.dtype} values"
+                        + ("" if array.dtype.kind not in "iu" else f" from {array.min()} to {array.max()}"))
+    return array.astype(np.uint8)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from siamese_omniglot.checkpoint import FORMAT_VERSION, PREPROCESSING, load_checkpoint, save_checkpoint
 from siamese_omniglot.errors import CheckpointError
@@ -111,6 +112,27 @@ def test_unusable_paths_are_checkpoint_errors(tmp_path: Path, make, message: str
     with pytest.raises(CheckpointError, match=message) as raised:
         load_checkpoint(path)
     assert str(raised.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 5.0, -0.1])
+def test_a_threshold_that_is_no_score_is_refused(tmp_path: Path, threshold: float) -> None:
+    path = save_checkpoint(model_state() | {"threshold": threshold}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=r"best\.pt: its threshold .* is not a score between 0 and 1"):
+        load_checkpoint(path)
+
+
+def test_an_image_given_as_a_checkpoint_is_named_as_no_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "drawing.png"
+    Image.new("L", (105, 105), 255).save(path)
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+    assert str(raised.value) == f"{path}: not a readable checkpoint (not a file written by torch.save)"
+
+
+def test_a_checkpoint_in_the_legacy_torch_format_loads(tmp_path: Path) -> None:
+    state = {"format_version": FORMAT_VERSION, "preprocessing": PREPROCESSING} | model_state()
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert load_checkpoint(tmp_path / "legacy.pt")["threshold"] == state["threshold"]
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ def test_a_failed_check_writes_nothing(verifier: Verifier, tmp_path: Path, monke
     monkeypatch.setattr("siamese_omniglot.export._compare", lambda *args: (3e-3, 1e-7))
     with pytest.raises(ExportError, match=r"differs from PyTorch by 0\.003 .* more than 0\.0001; nothing was written"):
         export_onnx(verifier, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []  # no models and no temporary files
+    assert not (tmp_path / "out").exists()  # no models, no temporary files, and not the folder made for them
 
 
 def test_cli_export_prints_the_difference(tiny_checkpoint: Path, run_siamese, tmp_path: Path) -> None:
@@ -125,8 +125,9 @@ def test_cli_export_without_a_checkpoint_exports_the_bundled_model(run_siamese, 
         (["CHECKPOINT", "--out", "onnx", "--format", "tflite"], (), "unknown export format 'tflite'"),
         (["CHECKPOINT", "--out", "onnx"], ("onnxruntime",), "pip install 'siamese-omniglot[onnx]'"),
         (["CHECKPOINT", "--out", "onnx", "--opset", "15"], (), "frames its input needs ONNX opset 16 or later, not 15"),
+        (["CHECKPOINT", "--out", "onnx", "--opset", "99"], (), "cannot export to ONNX opset 99"),
     ],
-    ids=["unknown-format", "no-onnxruntime", "framing-below-opset-16"],
+    ids=["unknown-format", "no-onnxruntime", "framing-below-opset-16", "unknown-opset"],
 )
 def test_cli_export_errors_are_one_line(
     args: list[str], blocked: tuple[str, ...], message: str, tiny_checkpoint: Path, run_siamese, tmp_path: Path
@@ -135,5 +136,15 @@ def test_cli_export_errors_are_one_line(
     result = run_siamese("export", *args, cwd=tmp_path, blocked=blocked)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
-    assert result.stdout == ""
-    assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir())
+    assert result.stdout == ""  # the exporter's dump of the graph included
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_cli_export_where_a_model_file_is_a_folder_writes_neither(
+    tiny_checkpoint: Path, run_siamese, tmp_path: Path
+) -> None:
+    (tmp_path / "onnx" / EMBEDDING_FILE).mkdir(parents=True)
+    result = run_siamese("export", tiny_checkpoint, "--out", tmp_path / "onnx", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{tmp_path / 'onnx' / EMBEDDING_FILE}: is a folder" in result.stderr
+    assert [p.name for p in (tmp_path / "onnx").iterdir()] == [EMBEDDING_FILE]

@@ -117,6 +117,17 @@ def test_cli_eval_plot(tiny_checkpoint: Path, mini_evaluation: Path, run_siamese
     assert_picture(tmp_path / "plots" / "hardest_trials.png", trials_figure_px(8))
 
 
+def test_cli_eval_plot_at_a_file_is_refused_before_any_work(
+    tiny_checkpoint: Path, mini_evaluation: Path, run_siamese, tmp_path: Path
+) -> None:
+    (tmp_path / "taken.png").write_bytes(b"a picture")
+    result = run_siamese("eval", tiny_checkpoint, "--data", mini_evaluation, "--device", "cpu", "--plot",
+                         tmp_path / "taken.png", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: {tmp_path / 'taken.png'}: is a file; --plot names a folder to draw in\n"
+    assert (tmp_path / "taken.png").read_bytes() == b"a picture"
+
+
 @pytest.mark.parametrize("command", ["compare", "eval"])
 def test_cli_plot_without_matplotlib_is_one_error_line(
     command: str, tiny_checkpoint: Path, drawings: list[Path], mini_evaluation: Path, run_siamese, tmp_path: Path

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,12 +189,29 @@ def test_the_cache_is_keyed_by_the_views(verifier: Verifier, tiny_checkpoint: Pa
     assert not torch.allclose(theirs.embeddings, ours.embeddings)
 
 
+def _damaged(cache: Path, embeddings: np.ndarray) -> None:
+    """Rewrite a cache file, valid as an archive, with these embeddings for its own paths."""
+    with np.load(cache) as stored:
+        paths = stored["paths"]
+    with cache.open("wb") as file:
+        np.savez(file, paths=paths, embeddings=embeddings)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda cache, e: cache.write_bytes(b"truncated"),
+        lambda cache, e: _damaged(cache, e[:, :7]),
+        lambda cache, e: _damaged(cache, np.full_like(e, np.nan)),
+    ],
+    ids=["truncated", "other-width", "not-numbers"],
+)
 def test_an_unreadable_cache_is_recomputed(
-    verifier: Verifier, alphabet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    verifier: Verifier, alphabet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage
 ) -> None:
     support_dir = one_shot_support(alphabet, tmp_path / "support")
     first = verifier.load_support(support_dir)
-    first.cache_path.write_bytes(b"truncated")
+    damage(first.cache_path, first.embeddings.numpy())
     second = verifier.load_support(support_dir)
     assert not second.from_cache and "ignoring unreadable cache" in caplog.text
     assert torch.equal(second.embeddings, first.embeddings)

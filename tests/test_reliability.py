@@ -355,6 +355,20 @@ def kill_and_resume(options: list, tiny_tree: Path, tmp_path: Path, epochs: int,
     return runs
 
 
+def test_a_crash_between_last_and_best_is_repaired_on_resume(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=5, batch_size=8, val_pairs=50, views=1)  # one epoch: last.pt is the best
+    Trainer(config, small, tmp_path, CPU).fit()
+    logs = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "epoch_loss.txt")}
+    (tmp_path / "best.pt").unlink()  # the crash came after last.pt was written, before best.pt
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"epoch": 2, "step"')  # and cut a later line short
+    Trainer(config, small, tmp_path, CPU).fit(resume=tmp_path / "last.pt")
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["training"]["step"] == last["training"]["step"] == 5
+    assert_same_tensors(model_tensors(best), model_tensors(last))
+    assert {name: (tmp_path / name).read_text() for name in logs} == logs
+
+
 # --- exact resume -----------------------------------------------------------------------------------
 
 
@@ -593,7 +607,8 @@ def hostile_checkpoints(folder: Path, weights: Path) -> dict[str, tuple[Path, st
         "pickled-code": (folder / "pickle.pt", "refused: it holds objects other than tensors and plain values"),
         "newer-format": (folder / "newer.pt", f"checkpoint format {FORMAT_VERSION + 1} is newer than this version"),
         "version-not-a-number": (folder / "version-text.pt", "format_version has the wrong type"),
-        "other-model-weights": (folder / "other-weights.pt", "weights do not fit its model config"),
+        "other-model-weights": (folder / "other-weights.pt",
+                                'weights do not fit its model config (Missing key(s) in state_dict: "embedding.'),
         "unknown-backbone": (folder / "other-backbone.pt", "its model config cannot be built (unknown backbone"),
         "newer-model-setting": (folder / "newer-config.pt", "unknown model settings ['layers']"),
     }
@@ -723,6 +738,26 @@ def test_eval_lists_bad_images_and_reads_non_ascii_paths(damaged_tree: Path, wei
 
 
 # --- outputs that cannot be written ---------------------------------------------------------------------
+
+
+def test_train_on_data_too_small_to_split_leaves_no_run_folder(mini_background: Path, tmp_path: Path) -> None:
+    tree = copy_tree(mini_background, tmp_path / "two", 1, 2, 4)
+    run = run_cli(*TRAIN, "--data", tree, "--out", tmp_path / "run", cwd=tmp_path)
+    assert_refused(run, "2 classes are too few to hold out validation classes")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_resume_refuses_the_folder_of_another_run(tiny_tree: Path, tmp_path: Path) -> None:
+    first = run_cli(*TRAIN, "--data", tiny_tree, "--out", tmp_path / "first", "--max-steps", 2, cwd=tmp_path)
+    assert first.code == 0, first.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "best.pt").write_bytes(b"another run's checkpoint")
+    run = run_cli(*TRAIN[:3], "--resume", tmp_path / "first" / "last.pt", "--data", tiny_tree, "--out", other,
+                  cwd=tmp_path)
+    assert_refused(run, f"{other}: already holds checkpoints")
+    assert [p.name for p in other.iterdir()] == ["best.pt"]
+    assert (other / "best.pt").read_bytes() == b"another run's checkpoint"
 
 
 def test_train_refuses_an_out_folder_under_a_file(tiny_tree: Path, tmp_path: Path) -> None:

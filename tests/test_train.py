@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from siamese_omniglot.checkpoint import load_checkpoint
 from siamese_omniglot.config import TrainConfig, preset
 from siamese_omniglot.data import ImageSet, load_folder, seeded_generator
 from siamese_omniglot.data.augment import random_distortion
@@ -450,6 +451,28 @@ def test_resume_gives_the_uninterrupted_weights(
     for name, tensor in state_of(resumed).items():
         assert torch.equal(tensor, expected[name]), name  # bit for bit on the CPU
     assert result.history[-1].val_roc_auc == uninterrupted.history[-1].val_roc_auc
+
+
+def test_resume_refuses_the_folder_of_another_run(classify_run: dict, images: ImageSet, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "last.pt").write_bytes(b"another run's checkpoint")
+    trainer = Trainer(resume_config(classify_run["out"] / "last.pt"), images, other, CPU)
+    with pytest.raises(OutputError, match=r"other: already holds checkpoints"):
+        trainer.fit(resume=classify_run["out"] / "last.pt")
+    assert [p.name for p in other.iterdir()] == ["last.pt"]
+    assert (other / "last.pt").read_bytes() == b"another run's checkpoint"
+
+
+def test_a_run_resumed_in_a_new_folder_takes_its_best_epoch_along(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=10, batch_size=16, val_pairs=50)  # two epochs of 5 steps
+    Trainer(config, small, tmp_path / "first", CPU).fit()
+    result = Trainer(config, small, tmp_path / "second", CPU).fit(resume=tmp_path / "first" / "last.pt")
+    assert result.best_checkpoint == tmp_path / "second" / "best.pt"
+    found, expected = (load_checkpoint(tmp_path / run / "best.pt") for run in ("second", "first"))
+    assert found["training"]["step"] == expected["training"]["step"]
+    assert found["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(found["model"][name], expected["model"][name]) for name in expected["model"])
 
 
 def test_resume_with_another_objective_is_refused(classify_run: dict, small: ImageSet, tmp_path: Path) -> None:

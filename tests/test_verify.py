@@ -97,6 +97,26 @@ def test_an_array_of_another_size_is_fitted_like_a_file(verifier: Verifier, char
     assert verifier.score(first, enlarged) == pytest.approx(verifier.score(first, as_file), abs=1e-6)
 
 
+def test_a_batch_array_is_fitted_like_its_images_one_by_one(verifier: Verifier, characters: list[list[Path]]) -> None:
+    small = [np.asarray(Image.open(p).convert("L").resize((60, 60), Image.NEAREST)) for p in characters[5][:2]]
+    assert torch.equal(verifier.pixels(np.stack(small)), verifier.pixels(small))
+    assert torch.equal(verifier.pixels(np.stack(small).astype(np.int64)), verifier.pixels(small))
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((105, 105), np.float32), "not float32 values"),
+        (np.full((105, 105), 256, np.int64), "not int64 values from 256 to 256"),
+        (np.zeros((2, 105, 105), np.float64), "not float64 values"),
+    ],
+    ids=["ink-floats", "over-255", "float-batch"],
+)
+def test_an_array_that_is_not_gray_levels_is_a_data_error(verifier: Verifier, array: np.ndarray, message: str) -> None:
+    with pytest.raises(DataError, match=f"image arrays hold gray levels 0–255 .*{message}"):
+        verifier.embed(array)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -240,13 +240,14 @@ def train(
         try:
             records = run_dir / "dllogger.json" if context.is_main else None
             with _training_display(records) as (announce, on_progress, on_epoch):
-                # built first: data too small to split is refused before the run folder is made
-                trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, dist=context,
-                                  staging=staging, compile=compile_step)
-                if context.is_main:
+                where = f"{torch_device} × {context.world_size}" if context.enabled else str(torch_device)
+
+                def on_start() -> None:  # the run is accepted: data, checkpoint and --stop-after all fit
                     _check_writable(run_dir)
-                    where = f"{torch_device} × {context.world_size}" if context.enabled else str(torch_device)
                     announce(f"training preset {config.preset} on {where} → {run_dir}")
+
+                trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, on_start=on_start,
+                                  dist=context, staging=staging, compile=compile_step)
                 result = trainer.fit(resume=resume, stop_after=stop_after)
         finally:
             shutdown(context)

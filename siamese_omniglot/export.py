@@ -201,8 +201,9 @@ def export_onnx(
 
 @contextlib.contextmanager
 def _output_folder(out_dir: Path) -> Iterator[None]:
-    """Make ``out_dir`` (parents included) for a block; remove it again when the block fails and leaves it empty."""
-    created = not out_dir.exists()
+    """Make ``out_dir`` (parents included) for a block; when the block fails, remove again the folders made here
+    that it left empty."""
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # innermost first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -210,25 +211,41 @@ def _output_folder(out_dir: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
         raise
 
 
 @contextlib.contextmanager
 def _no_standard_output() -> Iterator[None]:
     """Discard what a block writes to file descriptor 1: the exporter's C++ side prints the whole graph there when
-    it fails, which would corrupt ``--json`` output."""
-    sys.stdout.flush()
-    saved = os.dup(1)
+    it fails, which would corrupt ``--json`` output. Where descriptor 1 is not open, the block runs as it is."""
+    _flush(sys.stdout)
+    try:
+        saved = os.dup(1)
+    except OSError:  # standard output closed
+        saved = None
+    if saved is None:
+        yield
+        return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 1)
         yield
     finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        try:
+            _flush(sys.stdout)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _flush(stream) -> None:
+    """Flush a stream that may be None or closed."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        stream.flush()
 
 
 def _cpu_copy(model: SiameseNetwork) -> SiameseNetwork:

@@ -144,10 +144,15 @@ def default_out_dir() -> Path:
     return Path("logs") / datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
 
 
+def same_folder(first: Path, second: Path) -> bool:
+    """Whether two paths name one folder (through symbolic links and relative parts)."""
+    return first.resolve() == second.resolve()
+
+
 def check_run_dir(out_dir: Path, resume: str | Path | None = None) -> None:
     """Refuse a run folder that is a file or already holds checkpoints (nothing written is ever overwritten), unless
     it is the folder of the checkpoint being resumed: that run's own."""
-    if resume is not None and out_dir.resolve() == Path(resume).resolve().parent:
+    if resume is not None and same_folder(out_dir, Path(resume).parent):
         return
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: is a file; --out must name a folder")
@@ -267,6 +272,7 @@ class Trainer:
         device: the training device (see :mod:`siamese_omniglot.devices`).
         on_progress: called every ``config.log_every`` steps (rank 0 only).
         on_epoch: called after every validation (rank 0 only).
+        on_start: called once ``fit`` has accepted the run, before anything is written to ``out_dir`` (rank 0 only).
         dist: this process's place in a multi-process job (default: alone).
         staging: where the training images live: ``auto`` (the device when they fit), ``device`` or ``host``
             (see :mod:`siamese_omniglot.staging`).
@@ -281,6 +287,7 @@ class Trainer:
         device: torch.device,
         on_progress: Callable[[Progress], None] | None = None,
         on_epoch: Callable[[EpochMetrics], None] | None = None,
+        on_start: Callable[[], None] | None = None,
         dist: DistributedContext | None = None,
         staging: str = "auto",
         compile: bool = False,
@@ -293,6 +300,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.on_progress = on_progress if self.dist.is_main else None
         self.on_epoch = on_epoch if self.dist.is_main else None
+        self.on_start = on_start if self.dist.is_main else None
         self.amp = devices.amp_default(device) if config.amp is None else config.amp
         split = split_images if config.val_split == "images" else split_validation
         train, val = split(images, config.val_fraction, config.seed)
@@ -364,14 +372,18 @@ class Trainer:
                 ``max_steps`` it leaves the learning-rate schedule alone: resuming later gives the same weights,
                 bit for bit, as a run that never paused.
         """
-        if resume is not None:
-            if self.dist.is_main:
-                check_run_dir(self.out_dir, resume)
-            self._restore(resume)
-        elif self.dist.is_main:
-            self._prepare_out_dir()
+        if self.dist.is_main:
+            check_run_dir(self.out_dir, resume)
+        state = self._restore(resume) if resume is not None else None
         if stop_after is not None and stop_after <= self.step:
             raise ConfigError(f"stop after step {stop_after}: the run is already at step {self.step}")
+        if self.dist.is_main:  # accepted: only now is anything written
+            if self.on_start is not None:
+                self.on_start()
+            if state is not None:
+                self._write_resumed(state, Path(resume))
+            else:
+                self._prepare_out_dir()
         self.stop_step = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         self.dist.barrier()
         self.model.train()
@@ -598,7 +610,8 @@ class Trainer:
             },
         }
 
-    def _restore(self, path: str | Path) -> None:
+    def _restore(self, path: str | Path) -> dict:
+        """Load a checkpoint's training state into this trainer (nothing is written); returns the checkpoint."""
         state = load_checkpoint(path, map_location=self.device)
         training = state.get("training")
         if training is None:
@@ -633,19 +646,23 @@ class Trainer:
             log.warning("resuming %d processes from %d: new pair streams from here on", self.dist.world_size,
                         len(generators))
         self.history = [EpochMetrics(**m) for m in training["history"]]
-        if self.dist.is_main:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                if not (self.out_dir / "config.json").exists():
-                    self._write_config()
-                if Path(path).resolve().parent != self.out_dir.resolve():  # the run goes on in a new folder
-                    self._carry_over(state, Path(path))
-                self._repair_best(state)
-                if self.history:
-                    self._write_logs()  # drop what a crash left of later epochs
-            except OSError as error:
-                raise OutputError(f"{self.out_dir}: cannot write ({error.strerror or error})") from None
         log.info("resuming %s at epoch %d, step %d", path, self.epoch, self.step)
+        return state
+
+    def _write_resumed(self, state: dict, path: Path) -> None:
+        """The run folder of a resumed run: its config, ``last.pt`` and ``best.pt`` where they are missing or
+        stale, and its logs rewritten from the checkpoint's history."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not (self.out_dir / "config.json").exists():
+                self._write_config()
+            if not same_folder(self.out_dir, path.parent):  # the run goes on in a new folder
+                self._carry_over(state, path)
+            self._repair_best(state)
+            if self.history:
+                self._write_logs()  # drop what a crash left of later epochs
+        except OSError as error:
+            raise OutputError(f"{self.out_dir}: cannot write ({error.strerror or error})") from None
 
     def _repair_best(self, state: dict) -> None:
         """Rewrite ``best.pt`` from the resumed state when that state is the best epoch but ``best.pt``
@@ -673,11 +690,11 @@ class Trainer:
         except CheckpointError as error:
             log.warning("%s; the new run folder starts without a best.pt", error)
             carried = None
-        if carried is not None and carried["training"]["best_score"] == state["training"]["best_score"]:
+        training = carried.get("training") if carried is not None else None
+        if isinstance(training, dict) and training.get("best_score") == state["training"]["best_score"]:
             save_checkpoint(carried, self.out_dir / "best.pt")
 
     def _prepare_out_dir(self) -> None:
-        check_run_dir(self.out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for name in ("metrics.jsonl", "epoch_loss.txt", "epoch_val_loss.txt"):

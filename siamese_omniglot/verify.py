@@ -11,7 +11,7 @@ import torch
 
 from . import devices
 from .checkpoint import load_checkpoint
-from .data.images import fit_to_canvas, read_image
+from .data.images import CANVAS_PX, fit_to_canvas, read_image
 from .errors import CheckpointError, ConfigError, DataError, SiameseError
 from .evaluate import embed_pixels
 from .gallery import Classification, Support, class_scores, load_support, model_fingerprint, rank_classes
@@ -96,6 +96,8 @@ class Verifier:
             images = list(_gray_levels(images))
         items = images if isinstance(images, list) else [images]
         arrays = [read_image(i) if isinstance(i, (str, Path)) else fit_to_canvas(_gray_levels(i)) for i in items]
+        if not arrays:
+            return torch.empty(0, CANVAS_PX, CANVAS_PX, dtype=torch.uint8)
         return torch.from_numpy(np.stack(arrays))
 
     def embed(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:

@@ -4,7 +4,10 @@ check), take any batch size, carry the threshold, and the command reports its di
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +128,7 @@ def test_cli_export_without_a_checkpoint_exports_the_bundled_model(run_siamese, 
         (["CHECKPOINT", "--out", "onnx", "--format", "tflite"], (), "unknown export format 'tflite'"),
         (["CHECKPOINT", "--out", "onnx"], ("onnxruntime",), "pip install 'siamese-omniglot[onnx]'"),
         (["CHECKPOINT", "--out", "onnx", "--opset", "15"], (), "frames its input needs ONNX opset 16 or later, not 15"),
-        (["CHECKPOINT", "--out", "onnx", "--opset", "99"], (), "cannot export to ONNX opset 99"),
+        (["CHECKPOINT", "--out", "onnx/deeper/still", "--opset", "99"], (), "cannot export to ONNX opset 99"),
     ],
     ids=["unknown-format", "no-onnxruntime", "framing-below-opset-16", "unknown-opset"],
 )
@@ -137,7 +140,15 @@ def test_cli_export_errors_are_one_line(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
     assert result.stdout == ""  # the exporter's dump of the graph included
-    assert not (tmp_path / "onnx").exists()
+    assert not (tmp_path / "onnx").exists()  # nor any of the folders made for it
+
+
+def test_cli_export_with_standard_output_closed_still_exports(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    code = "import sys; from siamese_omniglot.cli import main; sys.argv[0] = 'siamese'; main()"
+    result = subprocess.run([sys.executable, "-c", code, "export", tiny_checkpoint, "--out", tmp_path / "onnx"],
+                            stderr=subprocess.PIPE, text=True, timeout=600, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [EMBEDDING_FILE, SCORER_FILE]
 
 
 def test_cli_export_where_a_model_file_is_a_folder_writes_neither(

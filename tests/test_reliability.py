@@ -760,6 +760,15 @@ def test_train_resume_refuses_the_folder_of_another_run(tiny_tree: Path, tmp_pat
     assert (other / "best.pt").read_bytes() == b"another run's checkpoint"
 
 
+def test_train_resume_refused_after_start_up_leaves_no_new_folder(tiny_tree: Path, tmp_path: Path) -> None:
+    first = run_cli(*TRAIN, "--data", tiny_tree, "--out", tmp_path / "first", "--max-steps", 2, cwd=tmp_path)
+    assert first.code == 0, first.stderr
+    run = run_cli(*TRAIN[:3], "--resume", tmp_path / "first" / "last.pt", "--data", tiny_tree, "--out",
+                  tmp_path / "new", "--stop-after", 1, cwd=tmp_path)
+    assert_refused(run, "stop after step 1: the run is already at step 2")
+    assert not (tmp_path / "new").exists()
+
+
 def test_train_refuses_an_out_folder_under_a_file(tiny_tree: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     run = run_cli(*TRAIN, "--data", tiny_tree, "--out", tmp_path / "file" / "run", cwd=tmp_path)

@@ -470,9 +470,20 @@ def test_a_run_resumed_in_a_new_folder_takes_its_best_epoch_along(small: ImageSe
     result = Trainer(config, small, tmp_path / "second", CPU).fit(resume=tmp_path / "first" / "last.pt")
     assert result.best_checkpoint == tmp_path / "second" / "best.pt"
     found, expected = (load_checkpoint(tmp_path / run / "best.pt") for run in ("second", "first"))
-    assert found["training"]["step"] == expected["training"]["step"]
+    assert found["training"]["step"] == expected["training"]["step"] == 5  # the first epoch: carried, not last.pt
     assert found["model"].keys() == expected["model"].keys()
     assert all(torch.equal(found["model"][name], expected["model"][name]) for name in expected["model"])
+
+
+def test_resume_through_a_linked_checkpoint_goes_on_in_the_link_s_folder(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=10, batch_size=16, val_pairs=50)
+    Trainer(config, small, tmp_path / "run", CPU).fit(stop_after=5)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "run" / "last.pt").rename(tmp_path / "store" / "kept.pt")
+    (tmp_path / "run" / "last.pt").symlink_to(tmp_path / "store" / "kept.pt")
+    resumed = Trainer(config, small, tmp_path / "run", CPU)
+    resumed.fit(resume=tmp_path / "run" / "last.pt")
+    assert resumed.step == 10 and load_checkpoint(tmp_path / "run" / "last.pt")["training"]["step"] == 10
 
 
 def test_resume_with_another_objective_is_refused(classify_run: dict, small: ImageSet, tmp_path: Path) -> None:

@@ -101,6 +101,7 @@ def test_a_batch_array_is_fitted_like_its_images_one_by_one(verifier: Verifier, 
     small = [np.asarray(Image.open(p).convert("L").resize((60, 60), Image.NEAREST)) for p in characters[5][:2]]
     assert torch.equal(verifier.pixels(np.stack(small)), verifier.pixels(small))
     assert torch.equal(verifier.pixels(np.stack(small).astype(np.int64)), verifier.pixels(small))
+    assert verifier.embed(np.zeros((0, 60, 60), np.uint8)).shape == (0, verifier.model.embedding_dim)
 
 
 @pytest.mark.parametrize(

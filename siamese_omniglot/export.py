@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -155,48 +156,50 @@ def export_onnx(
     network = _cpu_copy(model)
     embedding, scorer = PixelEmbedding(network).eval(), PairScorer(network).eval()
     out_dir = Path(out_dir)
-    with _output_folder(out_dir):
-        metadata = {
-            "siamese.threshold": json.dumps(threshold),
-            "siamese.model_config": json.dumps(network.config.to_dict()),
-            "siamese.preprocessing": json.dumps(PREPROCESSING),
-            "siamese.embedding_dim": str(network.embedding_dim),
-        }
-        dim = network.embedding_dim
-        embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
-        for path in (embedding_path, scorer_path):
-            if path.is_dir():
-                raise OutputError(f"{path}: is a folder; remove it or choose another --out")
-        # both files appear together when the check passes, and neither when anything fails
-        try:
-            with atomic_write(embedding_path) as embedding_file, atomic_write(scorer_path) as scorer_file:
-                embedding_tmp, scorer_tmp = Path(embedding_file.name), Path(scorer_file.name)
-                sample = check_pixels(2)
-                _export(embedding, (sample,), embedding_tmp, ["pixels"], ["embeddings"], opset)
-                vectors = torch.zeros(2, dim)
-                _export(scorer, (vectors, vectors), scorer_tmp, ["first", "second"], ["logits", "scores"], opset)
-                for path, role in ((embedding_tmp, "embedding"), (scorer_tmp, "scorer")):
-                    _add_metadata(onnx, path, metadata | {"siamese.role": role})
-                embedding_diff, scorer_diff = _compare(ort, network, embedding_tmp, scorer_tmp)
-                if max(embedding_diff, scorer_diff) > tolerance:
-                    raise ExportError(
-                        f"onnxruntime differs from PyTorch by {max(embedding_diff, scorer_diff):.3g} (embeddings "
-                        f"{embedding_diff:.3g}, scores {scorer_diff:.3g}), more than {tolerance:g}; nothing was "
-                        f"written. Try another --opset, or report the torch and onnxruntime versions"
-                    )
-        except OSError as error:  # a full disk or a read-only folder: the temporary files are gone
-            raise OutputError(f"{out_dir}: cannot write the models there ({error.strerror or error})") from None
-        return OnnxExport(
-            embedding_path=embedding_path,
-            scorer_path=scorer_path,
-            embedding_dim=dim,
-            threshold=threshold,
-            opset=opset,
-            embedding_max_abs_diff=embedding_diff,
-            scorer_max_abs_diff=scorer_diff,
-            tolerance=tolerance,
-            check_batches=CHECK_BATCHES,
-        )
+    embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
+    for path in (embedding_path, scorer_path):
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; remove it or choose another --out")
+    dim = network.embedding_dim
+    metadata = {
+        "siamese.threshold": json.dumps(threshold),
+        "siamese.model_config": json.dumps(network.config.to_dict()),
+        "siamese.preprocessing": json.dumps(PREPROCESSING),
+        "siamese.embedding_dim": str(dim),
+    }
+    # both files appear together when the check passes, and neither when anything fails
+    try:
+        with (
+            _output_folder(out_dir),
+            atomic_write(embedding_path) as embedding_file,
+            atomic_write(scorer_path) as scorer_file,
+        ):
+            embedding_tmp, scorer_tmp = Path(embedding_file.name), Path(scorer_file.name)
+            _export(embedding, (check_pixels(2),), embedding_tmp, ["pixels"], ["embeddings"], opset)
+            vectors = torch.zeros(2, dim)
+            _export(scorer, (vectors, vectors), scorer_tmp, ["first", "second"], ["logits", "scores"], opset)
+            for path, role in ((embedding_tmp, "embedding"), (scorer_tmp, "scorer")):
+                _add_metadata(onnx, path, metadata | {"siamese.role": role})
+            embedding_diff, scorer_diff = _compare(ort, network, embedding_tmp, scorer_tmp)
+            if max(embedding_diff, scorer_diff) > tolerance:
+                raise ExportError(
+                    f"onnxruntime differs from PyTorch by {max(embedding_diff, scorer_diff):.3g} (embeddings "
+                    f"{embedding_diff:.3g}, scores {scorer_diff:.3g}), more than {tolerance:g}; nothing was "
+                    f"written. Try another --opset, or report the torch and onnxruntime versions"
+                )
+    except OSError as error:  # a full disk or a read-only folder: the temporary files are gone
+        raise OutputError(f"{out_dir}: cannot write the models there ({error.strerror or error})") from None
+    return OnnxExport(
+        embedding_path=embedding_path,
+        scorer_path=scorer_path,
+        embedding_dim=dim,
+        threshold=threshold,
+        opset=opset,
+        embedding_max_abs_diff=embedding_diff,
+        scorer_max_abs_diff=scorer_diff,
+        tolerance=tolerance,
+        check_batches=CHECK_BATCHES,
+    )
 
 
 @contextlib.contextmanager
@@ -242,7 +245,7 @@ def _no_standard_output() -> Iterator[None]:
             os.close(saved)
 
 
-def _flush(stream) -> None:
+def _flush(stream: TextIO | None) -> None:
     """Flush a stream that may be None or closed."""
     with contextlib.suppress(AttributeError, ValueError, OSError):
         stream.flush()

@@ -92,9 +92,8 @@ class Verifier:
         Raises:
             DataError: an array that is not of gray levels: floats, or integers outside 0–255.
         """
-        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
-            images = list(_gray_levels(images))
-        items = images if isinstance(images, list) else [images]
+        is_batch = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3
+        items = list(images) if is_batch or isinstance(images, list) else [images]
         arrays = [read_image(i) if isinstance(i, (str, Path)) else fit_to_canvas(_gray_levels(i)) for i in items]
         if not arrays:
             return torch.empty(0, CANVAS_PX, CANVAS_PX, dtype=torch.uint8)

@@ -109,7 +109,8 @@ PRESETS: dict[str, TrainConfig] = {
     "fast": TrainConfig(),
     # For one GPU: the fast recipe with twice the channels (64 to 512, a 4,608-value embedding). On the CPU at 10
     # epochs, more channels raised validation 1-shot accuracy most of the network changes tried (docs/results.md,
-    # "What was tried"). This preset has not been measured on a GPU yet.
+    # "What was tried"). Not measured on a GPU yet; trained in full on a 2-core CPU, it scored no higher than fast
+    # (docs/results.md, accuracy row 16).
     "wide": TrainConfig(preset="wide", width=64),
     # Koch et al. (2015): their network trained on pairs.
     "koch": TrainConfig(

@@ -232,7 +232,7 @@ def train(
                 raise TrainingError(f"the training processes failed (exit code {code}); see their messages above")
             return
         context, torch_device = init_distributed(device)
-        if context.is_main:
+        if context.is_main:  # before the data is fetched and decoded; fit() checks again for library callers
             check_run_dir(run_dir, resume)
         with context.main_first(), _progress_bar() as update:
             images = load_training_set(data, mirror, progress=update if context.is_main else None,

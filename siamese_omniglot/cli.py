@@ -26,7 +26,7 @@ from . import devices
 from .config import PRESETS, preset
 from .data.episodes import load_lake_runs, sample_episodes
 from .data.omniglot import MIRROR_ENV, load_evaluation_set, load_training_set
-from .data.pairs import fixed_pairs
+from .data.pairs import NEGATIVES, fixed_pairs
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
 from .staging import check_placement
@@ -359,6 +359,11 @@ def evaluate(
     shot: Annotated[int, typer.Option("--shot", min=1, help="Support images per candidate")] = 1,
     trials: Annotated[int, typer.Option("--trials", min=1, help="One-shot trials to sample")] = 400,
     pairs: Annotated[int, typer.Option("--pairs", min=10, help="Same and different verification pairs each")] = 1000,
+    negatives: Annotated[
+        str, typer.Option("--negatives", help="Where a different pair's second image comes from: alphabet (another "
+                          "character of the first one's alphabet, the harder test) or any (any other character, as "
+                          "in the reference's pairs)")
+    ] = "alphabet",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled trials and pairs")] = 0,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -373,6 +378,9 @@ def evaluate(
 
     _setup_logging()
     with _errors_as_exit():
+        if negatives not in NEGATIVES:
+            raise ConfigError(f"unknown --negatives {negatives!r}: choose one of {', '.join(NEGATIVES)}")
+        negatives_from = "same alphabet" if negatives == "alphabet" else "any alphabet"
         if plot is not None:
             _require_plotting()
             if plot.exists() and not plot.is_dir():
@@ -383,7 +391,7 @@ def evaluate(
             images = load_evaluation_set(data, mirror, progress=update)
         lake = load_lake_runs(runs) if runs is not None else None
         # drawn before the images are embedded: a --way or --shot the data cannot give is refused at once
-        pair_list = fixed_pairs(images, pairs, seed, within_group=1.0)
+        pair_list = fixed_pairs(images, pairs, seed, within_group=NEGATIVES[negatives])
         sampled = sample_episodes(images, way, shot, trials, seed)
         embeddings = embed_pixels(verifier.model, images.pixels, verifier.device)
         logits = pair_logits(verifier.model, embeddings, pair_list)
@@ -396,7 +404,8 @@ def evaluate(
             from .evaluate import episode_logits
             from .figures import roc_figure, trials_figure
 
-            title = f"Verification ROC: {verification.pairs} pairs of {len(images.group_names)} alphabets"
+            title = (f"Verification ROC: {verification.pairs} pairs of {len(images.group_names)} alphabets\n"
+                     f"different pairs from {negatives_from}")
             drawn = [
                 roc_figure(torch.sigmoid(logits), pair_list.same, verifier.threshold, plot / "roc.png", title),
                 trials_figure(images, sampled, episode_logits(verifier.model, embeddings, sampled),
@@ -406,7 +415,7 @@ def evaluate(
                 err.print(f"wrote {path}", markup=False, highlight=False)
     report = {
         "checkpoint": str(checkpoint),
-        "verification": verification.to_dict() | {"negatives": "same alphabet"},
+        "verification": verification.to_dict() | {"negatives": negatives_from},
         "one_shot": episodes.to_dict() | {"seed": seed},
         "lake_runs": official.to_dict() if official else None,
     }
@@ -418,7 +427,7 @@ def evaluate(
     for column in ("protocol", "trials", "accuracy", "95% interval / other"):
         table.add_column(column)
     table.add_row(
-        f"verification pairs (threshold {verification.threshold:.3f})", str(verification.pairs),
+        f"verification pairs ({negatives_from}, threshold {verification.threshold:.3f})", str(verification.pairs),
         f"{verification.accuracy:.2%}", f"ROC AUC {verification.roc_auc:.4f}, EER {verification.eer:.2%}",
     )
     for result in filter(None, (episodes, official)):

@@ -75,7 +75,7 @@ def roc_figure(
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
-    figure.subplots_adjust(left=0.12, right=0.96, bottom=0.1, top=0.93)
+    figure.subplots_adjust(left=0.12, right=0.96, bottom=0.1, top=0.9)  # room for a two-line title
     return _save(figure, path)
 
 

@@ -37,7 +37,8 @@ def test_accuracy_report_has_every_protocol_with_its_trial_count(tiny_checkpoint
     assert report["lake_runs"]["trials"] == 400
     assert report["drawer_runs"]["trials"] == 60  # 12 runs of 5 trials
     assert report["way5"]["trials"] == report["way3"]["trials"] == 60
-    assert report["verification"]["pairs"] == 120
+    assert report["verification"]["pairs"] == report["verification_any"]["pairs"] == 120
+    assert report["verification"] != report["verification_any"]  # other different pairs
     for key in ("lake_runs", "drawer_runs", "way5", "way3"):
         result = report[key]
         assert 0 <= result["ci_low"] <= result["accuracy"] <= result["ci_high"] <= 1
@@ -53,11 +54,13 @@ def test_results_row_quotes_the_measured_figures():
     report = {
         "date": "2026-11-29", "preset": "fast", "device": "cpu", "train_minutes": 12.34, "command": "python x",
         "lake_runs": {"accuracy": 0.9125}, "drawer_runs": result, "way20": result, "way5": result,
-        "verification": {"roc_auc": 0.98765, "eer": 0.05}, "snapshots": {5: 0.8, 10: 0.85},
+        "verification": {"roc_auc": 0.98765, "eer": 0.05}, "verification_any": {"roc_auc": 0.995, "eer": 0.025},
+        "snapshots": {5: 0.8, 10: 0.85},
     }
     row = accuracy.results_row(report)
     assert row.startswith("| 2026-11-29 | `fast` | cpu | 12.3 min | **91.2%** |")
-    assert "90.0% (88.0%–92.0%)" in row and "0.9877 / 5.0%" in row and "5 min: 80.0%, 10 min: 85.0%" in row
+    assert "90.0% (88.0%–92.0%)" in row and "5 min: 80.0%, 10 min: 85.0%" in row
+    assert "0.9877 / 5.0% (any alphabet: 0.9950 / 2.5%)" in row
     assert row.count("|") == 12
     report["reference_protocol"] = {"accuracy": 0.975, "pairs": 2000, "threshold": 0.5}
     assert accuracy.reference_row(report).startswith(

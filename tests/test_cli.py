@@ -112,6 +112,14 @@ def test_eval_prints_json(checkpoint: Path, mini_evaluation: Path, shared_omnigl
         assert 0 <= accuracy <= 1
     for trials in (one_shot, lake):
         assert trials["ci_low"] <= trials["accuracy"] <= trials["ci_high"]
+    assert verification["negatives"] == "same alphabet"
+    anywhere = siamese("eval", checkpoint, "--data", mini_evaluation, *options, "--negatives", "any", cwd=tmp_path)
+    assert anywhere.returncode == 0, anywhere.stderr
+    other = json.loads(anywhere.stdout)
+    assert other["verification"]["negatives"] == "any alphabet"
+    assert other["verification"]["pairs"] == 100
+    assert other["verification"] != report["verification"]  # other different pairs, the same pairs the same
+    assert other["one_shot"] == one_shot
 
 
 def test_compare_prints_json(checkpoint: Path, image_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -134,6 +142,10 @@ def one_class_tree(root: Path, image: Path) -> Path:
 
 ERROR_CASES = {
     "missing-checkpoint": (lambda t, c, i, m: ["eval", t / "missing.pt", "--data", m], "no such checkpoint"),
+    "unknown-negatives": (
+        lambda t, c, i, m: ["eval", c, "--data", m, "--negatives", "nearby"],
+        "unknown --negatives 'nearby': choose one of alphabet, any",
+    ),
     "checkpoint-is-a-directory": (
         lambda t, c, i, m: ["compare", i, i, "--checkpoint", t],
         "is a directory, not a checkpoint file",

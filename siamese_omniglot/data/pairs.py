@@ -144,6 +144,11 @@ class PairSampler:
         return torch.where(use_group, same_group, anywhere)
 
 
+# The two designs of evaluation pairs, by name: the probability that a different pair's second image is another
+# character of its first image's group (Omniglot alphabet), the harder test, rather than any other character.
+NEGATIVES = {"alphabet": 1.0, "any": 0.0}
+
+
 def fixed_pairs(images: ImageSet, count: int, seed: int, within_group: float = 0.5) -> Pairs:
     """A fixed, balanced list of ``2 * count`` pairs (validation and evaluation)."""
     return PairSampler(images, within_group).sample(count, seeded_generator(seed, 11))

@@ -405,7 +405,7 @@ def evaluate(
             from .figures import roc_figure, trials_figure
 
             title = (f"Verification ROC: {verification.pairs} pairs of {len(images.group_names)} alphabets\n"
-                     f"different pairs from {negatives_from}")
+                     f"different pairs from {'the ' if negatives == 'alphabet' else ''}{negatives_from}")
             drawn = [
                 roc_figure(torch.sigmoid(logits), pair_list.same, verifier.threshold, plot / "roc.png", title),
                 trials_figure(images, sampled, episode_logits(verifier.model, embeddings, sampled),

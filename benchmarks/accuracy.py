@@ -22,8 +22,7 @@ import torch
 from results_table import insert_row
 
 import siamese_omniglot as so
-from siamese_omniglot.data import fixed_pairs, sample_drawer_runs
-from siamese_omniglot.data.pairs import NEGATIVES
+from siamese_omniglot.data import NEGATIVE_LABELS, NEGATIVES, fixed_pairs, sample_drawer_runs
 from siamese_omniglot.evaluate import embed_pixels, pair_logits
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
@@ -46,7 +45,8 @@ def evaluate_checkpoint(
 
     def verification(negatives: str) -> dict:
         pairs = fixed_pairs(evaluation, trials, seed, within_group=NEGATIVES[negatives])
-        return so.pair_metrics(pair_logits(model, embeddings, pairs), pairs.same, verifier.threshold).to_dict()
+        metrics = so.pair_metrics(pair_logits(model, embeddings, pairs), pairs.same, verifier.threshold)
+        return metrics.to_dict() | {"negatives": NEGATIVE_LABELS[negatives]}
 
     drawer_runs = sample_drawer_runs(evaluation, max(1, trials // ways[0]), seed, way=ways[0])
     return {

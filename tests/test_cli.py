@@ -118,7 +118,8 @@ def test_eval_prints_json(checkpoint: Path, mini_evaluation: Path, shared_omnigl
     other = json.loads(anywhere.stdout)
     assert other["verification"]["negatives"] == "any alphabet"
     assert other["verification"]["pairs"] == 100
-    assert other["verification"] != report["verification"]  # other different pairs, the same pairs the same
+    figures = ("accuracy", "roc_auc", "eer", "loss")
+    assert [other["verification"][k] for k in figures] != [verification[k] for k in figures]  # other pairs
     assert other["one_shot"] == one_shot
 
 

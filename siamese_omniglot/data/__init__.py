@@ -3,10 +3,21 @@
 from .episodes import Episodes, LakeRuns, load_lake_runs, run_episodes, sample_drawer_runs, sample_episodes
 from .images import CANVAS_PX, ImageSet, decode_image, read_image, to_ink
 from .omniglot import load_evaluation_set, load_folder, load_split, load_training_set
-from .pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split_images, split_validation
+from .pairs import (
+    NEGATIVE_LABELS,
+    NEGATIVES,
+    Pairs,
+    PairSampler,
+    fixed_pairs,
+    seeded_generator,
+    split_images,
+    split_validation,
+)
 
 __all__ = [
     "CANVAS_PX",
+    "NEGATIVES",
+    "NEGATIVE_LABELS",
     "Episodes",
     "ImageSet",
     "LakeRuns",

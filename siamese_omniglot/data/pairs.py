@@ -145,8 +145,10 @@ class PairSampler:
 
 
 # The two designs of evaluation pairs, by name: the probability that a different pair's second image is another
-# character of its first image's group (Omniglot alphabet), the harder test, rather than any other character.
+# character of its first image's group (Omniglot alphabet), the harder test, rather than any other character;
+# and how reports name each design.
 NEGATIVES = {"alphabet": 1.0, "any": 0.0}
+NEGATIVE_LABELS = {"alphabet": "same alphabet", "any": "any alphabet"}
 
 
 def fixed_pairs(images: ImageSet, count: int, seed: int, within_group: float = 0.5) -> Pairs:

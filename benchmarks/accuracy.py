@@ -22,7 +22,7 @@ import torch
 from results_table import insert_row
 
 import siamese_omniglot as so
-from siamese_omniglot.data import NEGATIVE_LABELS, NEGATIVES, fixed_pairs, sample_drawer_runs
+from siamese_omniglot.data import NEGATIVES, fixed_pairs, sample_drawer_runs
 from siamese_omniglot.evaluate import embed_pixels, pair_logits
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
@@ -44,9 +44,10 @@ def evaluate_checkpoint(
     embeddings = embed_pixels(model, evaluation.pixels, device)
 
     def verification(negatives: str) -> dict:
-        pairs = fixed_pairs(evaluation, trials, seed, within_group=NEGATIVES[negatives])
+        design = NEGATIVES[negatives]
+        pairs = fixed_pairs(evaluation, trials, seed, within_group=design.within_group)
         metrics = so.pair_metrics(pair_logits(model, embeddings, pairs), pairs.same, verifier.threshold)
-        return metrics.to_dict() | {"negatives": NEGATIVE_LABELS[negatives]}
+        return metrics.to_dict() | {"negatives": design.label}
 
     drawer_runs = sample_drawer_runs(evaluation, max(1, trials // ways[0]), seed, way=ways[0])
     return {

@@ -26,7 +26,7 @@ from . import devices
 from .config import PRESETS, preset
 from .data.episodes import load_lake_runs, sample_episodes
 from .data.omniglot import MIRROR_ENV, load_evaluation_set, load_training_set
-from .data.pairs import NEGATIVE_LABELS, NEGATIVES, fixed_pairs
+from .data.pairs import NEGATIVES, fixed_pairs
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
 from .staging import check_placement
@@ -380,7 +380,7 @@ def evaluate(
     with _errors_as_exit():
         if negatives not in NEGATIVES:
             raise ConfigError(f"unknown --negatives {negatives!r}: choose one of {', '.join(NEGATIVES)}")
-        negatives_label = NEGATIVE_LABELS[negatives]
+        design = NEGATIVES[negatives]
         if plot is not None:
             _require_plotting()
             if plot.exists() and not plot.is_dir():
@@ -391,7 +391,7 @@ def evaluate(
             images = load_evaluation_set(data, mirror, progress=update)
         lake = load_lake_runs(runs) if runs is not None else None
         # drawn before the images are embedded: a --way or --shot the data cannot give is refused at once
-        pair_list = fixed_pairs(images, pairs, seed, within_group=NEGATIVES[negatives])
+        pair_list = fixed_pairs(images, pairs, seed, within_group=design.within_group)
         sampled = sample_episodes(images, way, shot, trials, seed)
         embeddings = embed_pixels(verifier.model, images.pixels, verifier.device)
         logits = pair_logits(verifier.model, embeddings, pair_list)
@@ -405,7 +405,7 @@ def evaluate(
             from .figures import roc_figure, trials_figure
 
             title = (f"Verification ROC: {verification.pairs} pairs of {len(images.group_names)} alphabets\n"
-                     f"different pairs: {negatives_label}")
+                     f"different pairs: {design.label}")
             drawn = [
                 roc_figure(torch.sigmoid(logits), pair_list.same, verifier.threshold, plot / "roc.png", title),
                 trials_figure(images, sampled, episode_logits(verifier.model, embeddings, sampled),
@@ -415,7 +415,7 @@ def evaluate(
                 err.print(f"wrote {path}", markup=False, highlight=False)
     report = {
         "checkpoint": str(checkpoint),
-        "verification": verification.to_dict() | {"negatives": negatives_label},
+        "verification": verification.to_dict() | {"negatives": design.label},
         "one_shot": episodes.to_dict() | {"seed": seed},
         "lake_runs": official.to_dict() if official else None,
     }
@@ -427,7 +427,7 @@ def evaluate(
     for column in ("protocol", "trials", "accuracy", "95% interval / other"):
         table.add_column(column)
     table.add_row(
-        f"verification pairs ({negatives_label}, threshold {verification.threshold:.3f})", str(verification.pairs),
+        f"verification pairs ({design.label}, threshold {verification.threshold:.3f})", str(verification.pairs),
         f"{verification.accuracy:.2%}", f"ROC AUC {verification.roc_auc:.4f}, EER {verification.eer:.2%}",
     )
     for result in filter(None, (episodes, official)):

@@ -4,8 +4,8 @@ from .episodes import Episodes, LakeRuns, load_lake_runs, run_episodes, sample_d
 from .images import CANVAS_PX, ImageSet, decode_image, read_image, to_ink
 from .omniglot import load_evaluation_set, load_folder, load_split, load_training_set
 from .pairs import (
-    NEGATIVE_LABELS,
     NEGATIVES,
+    NegativeDesign,
     Pairs,
     PairSampler,
     fixed_pairs,
@@ -17,10 +17,10 @@ from .pairs import (
 __all__ = [
     "CANVAS_PX",
     "NEGATIVES",
-    "NEGATIVE_LABELS",
     "Episodes",
     "ImageSet",
     "LakeRuns",
+    "NegativeDesign",
     "PairSampler",
     "Pairs",
     "decode_image",

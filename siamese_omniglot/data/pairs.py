@@ -9,6 +9,7 @@ with probability ``within_group`` (Lake's harder within-alphabet task) or from a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -144,11 +145,16 @@ class PairSampler:
         return torch.where(use_group, same_group, anywhere)
 
 
-# The two designs of evaluation pairs, by name: the probability that a different pair's second image is another
-# character of its first image's group (Omniglot alphabet), the harder test, rather than any other character;
-# and how reports name each design.
-NEGATIVES = {"alphabet": 1.0, "any": 0.0}
-NEGATIVE_LABELS = {"alphabet": "same alphabet", "any": "any alphabet"}
+class NegativeDesign(NamedTuple):
+    """Where the second image of an evaluation pair of different characters comes from."""
+
+    within_group: float  # probability that it is another character of the first image's group (Omniglot alphabet)
+    label: str  # how reports name the design
+
+
+# The designs of evaluation pairs by name (`siamese eval --negatives`): the first image's alphabet, the harder
+# test, or any alphabet, as in the reference's pairs.
+NEGATIVES = {"alphabet": NegativeDesign(1.0, "same alphabet"), "any": NegativeDesign(0.0, "any alphabet")}
 
 
 def fixed_pairs(images: ImageSet, count: int, seed: int, within_group: float = 0.5) -> Pairs:

@@ -256,6 +256,11 @@ def train(
     best = max(result.history, key=lambda m: m.score)
     summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
     out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
+    if result.averaged is not None:
+        val = result.averaged
+        summary = _validation_summary(val.one_shot, val.pairs.roc_auc, val.pairs.accuracy, val.pairs.threshold)
+        epochs = " and ".join(map(str, result.averaged_epochs))
+        out.print(f"weights of epochs {epochs} averaged: {summary}", markup=False, highlight=False)
     if result.best_with_views is not None:
         val = result.best_with_views
         summary = _validation_summary(val.one_shot, val.pairs.roc_auc, val.pairs.accuracy, val.pairs.threshold)

@@ -44,6 +44,7 @@ class TrainConfig:
     val_split: str = "alphabets"  # "alphabets": unseen characters; "images": the reference's 90/10 image split
     val_pairs: int = 1000  # same and different validation pairs each (twice for calibration)
     val_trials: int = 2000  # 1-shot validation trials among held-out classes (what best.pt maximises)
+    average_best: int = 2  # at the end, best.pt averages the weights of this many best epochs if that validates higher
     pretrained: bool = False  # vgg16 only: start from ImageNet weights
     input_px: int | None = None  # model input size (None: the backbone's default)
     batch_norm: bool | None = None  # fast backbone only (None: on)
@@ -69,6 +70,7 @@ class TrainConfig:
             "width": self.width is None or self.width >= 1,
             "widen": self.widen is None or self.widen >= 1,
             "supersample": self.supersample >= 1,
+            "average_best": self.average_best >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -99,7 +101,7 @@ class TrainConfig:
 
 # Settings added after checkpoints were first written, with the value that reproduces the training of a
 # checkpoint that lacks them.
-ADDED_SINCE: dict[str, object] = {"elastic": 0.0, "views": 1, "supersample": 1}
+ADDED_SINCE: dict[str, object] = {"elastic": 0.0, "views": 1, "supersample": 1, "average_best": 1}
 
 PRESETS: dict[str, TrainConfig] = {
     # Fast CPU default: a 4-block conv net at 28 × 28 whose channels double from block to block (32 to 256; no pool
@@ -115,13 +117,13 @@ PRESETS: dict[str, TrainConfig] = {
     # Koch et al. (2015): their network trained on pairs.
     "koch": TrainConfig(
         preset="koch", backbone="koch", objective="pair", epochs=20, batch_size=32, lr=0.01, weight_decay=2e-4,
-        elastic=0.0, supersample=1,  # their affine distortions only, at their full 105 × 105 input
+        elastic=0.0, supersample=1, average_best=1,  # their affine distortions only, at their 105 × 105 input
     ),
     # The reference (Tecorigin modelzoo Siamese): VGG16, batch 32, lr 1e-2, SGD-nesterov, warm-up + cosine,
     # 50 epochs, AMP on accelerators.
     "seed": TrainConfig(
         preset="seed", backbone="vgg16", objective="pair", epochs=50, batch_size=32, lr=0.01, weight_decay=5e-4,
-        elastic=0.0, supersample=1,
+        elastic=0.0, supersample=1, average_best=1,
     ),
 }
 

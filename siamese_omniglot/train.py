@@ -129,14 +129,17 @@ def validation_episodes(images: ImageSet, trials: int, seed: int, most_ways: int
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where a finished run left its files, its per-epoch metrics and, once calibrated for several views at the
-    end of the run, ``best.pt``'s validation with them."""
+    """Where a finished run left its files, its per-epoch metrics, the validation of ``best.pt``'s averaged weights
+    where the end of the run averaged them (over ``averaged_epochs``), and, once calibrated for several views at
+    the end of the run, ``best.pt``'s validation with them."""
 
     out_dir: Path
     best_checkpoint: Path
     last_checkpoint: Path
     history: tuple[EpochMetrics, ...]
     best_with_views: Validation | None = None
+    averaged: Validation | None = None
+    averaged_epochs: tuple[int, ...] = ()
 
 
 def default_out_dir() -> Path:
@@ -185,6 +188,11 @@ def _write_checkpoint(state: dict, path: Path) -> None:
         raise OutputError(
             f"{path}: cannot write ({error.strerror or error}); the checkpoint already there is intact"
         ) from None
+
+
+def _weights_id(state: dict) -> tuple[int, tuple[int, ...]]:
+    """What tells a checkpoint's weights apart: its training step, and the epochs averaged into them."""
+    return state["training"]["step"], tuple(state.get("averaged_epochs", ()))
 
 
 def warm_cosine(step: int, total: int, warmup_fraction: float, min_fraction: float) -> float:
@@ -360,11 +368,16 @@ class Trainer:
         self.step_in_epoch = 0
         self.generator_state: torch.Tensor | None = None
         self.best_score = (-math.inf, -math.inf)
+        # the `average_best` best epochs so far, best first: {"score", "epoch", "step", "model" (weights on the CPU)}
+        self.top_epochs: list[dict] = []
 
     # --- the loop ------------------------------------------------------------------------------------
 
     def fit(self, resume: str | Path | None = None, stop_after: int | None = None) -> TrainResult:
         """Train until ``epochs`` or ``max_steps``; returns where the checkpoints are.
+
+        At the last step ``best.pt`` takes the average of the ``average_best`` best epochs' weights where that
+        validates higher, then ``best.pt`` and ``last.pt`` are calibrated for the model's views.
 
         Args:
             resume: a ``last.pt`` to continue from (optimizer, schedule, random streams and position included).
@@ -392,12 +405,15 @@ class Trainer:
         if not self.history:
             raise TrainingError("nothing to train: the run already reached its last step")
         best, last = self.out_dir / "best.pt", self.out_dir / "last.pt"
-        best_with_views = None
-        if self.model.config.views > 1 and self.step >= self.total_steps:
+        averaged = best_with_views = None
+        if self.step >= self.total_steps:
             if self.dist.is_main:
-                best_with_views = self._calibrate_views(best, last)
+                averaged = self._average_best(best)
+                if self.model.config.views > 1:
+                    best_with_views = self._calibrate_views(best, last)
             self.dist.barrier()
-        return TrainResult(self.out_dir, best, last, tuple(self.history), best_with_views)
+        epochs = tuple(entry["epoch"] for entry in self.top_epochs) if averaged is not None else ()
+        return TrainResult(self.out_dir, best, last, tuple(self.history), best_with_views, averaged, epochs)
 
     def _run_epoch(self) -> None:
         config = self.config
@@ -528,24 +544,59 @@ class Trainer:
         the best/last pair)."""
         return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(self.generator_state)), path)
 
+    def _rank_epoch(self, score: tuple[float, float], epoch: int) -> None:
+        """Keep this epoch's weights among the ``average_best`` best so far (an earlier epoch wins a tie)."""
+        keep = self.config.average_best
+        if keep < 2 or (len(self.top_epochs) == keep and score <= tuple(self.top_epochs[-1]["score"])):
+            return
+        weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
+        entry = {"score": list(score), "epoch": epoch, "step": self.step, "model": weights}
+        ranked = sorted([*self.top_epochs, entry], key=lambda e: tuple(e["score"]), reverse=True)  # stable
+        self.top_epochs = ranked[:keep]
+
+    def _average_best(self, best: Path) -> Validation | None:
+        """Write into ``best.pt`` the average of the best epochs' weights (batch-norm statistics included), its head
+        and threshold calibrated, where it validates higher than the best epoch alone; returns its validation then.
+
+        Two validation peaks epochs apart average into a network that generalises better than either
+        (docs/results.md, "What was tried"); the moving average of every step does not."""
+        if len(self.top_epochs) < 2:
+            return None
+        states = [entry["model"] for entry in self.top_epochs]
+        weights = {
+            name: (sum(state[name].double() for state in states) / len(states)).to(tensor.dtype)
+            if tensor.is_floating_point() else tensor
+            for name, tensor in states[0].items()
+        }
+        model = SiameseNetwork(self.model.config).to(self.device)
+        model.load_state_dict(weights)
+        val = self.validate(views=1, model=model)
+        if not val.score > tuple(self.top_epochs[0]["score"]):
+            return None
+        state = load_checkpoint(best, map_location=self.device)
+        state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict(), calibrated_views=1,
+                     averaged_epochs=[entry["epoch"] for entry in self.top_epochs])
+        _write_checkpoint(state, best)
+        return val
+
     def _calibrate_views(self, best: Path, last: Path) -> Validation:
         """Recalibrate the heads and thresholds of ``best.pt`` and ``last.pt`` for the model's views (once when they
-        hold the same step), record those validations, and return ``best.pt``'s."""
+        hold the same weights), record those validations, and return ``best.pt``'s."""
         states = {path: load_checkpoint(path, map_location=self.device) for path in (best, last)}
-        calibrated: dict[int, tuple[dict, Validation]] = {}  # by training step
+        calibrated: dict[tuple, tuple[dict, Validation]] = {}  # by _weights_id
         for path, state in states.items():
-            step = state["training"]["step"]
-            if step not in calibrated:
+            key = _weights_id(state)
+            if key not in calibrated:
                 model = SiameseNetwork(self.model.config).to(self.device)
                 model.load_state_dict(state["model"])
-                calibrated[step] = (model.state_dict(), self.validate(model=model))
-            weights, val = calibrated[step]
+                calibrated[key] = (model.state_dict(), self.validate(model=model))
+            weights, val = calibrated[key]
             # "training" keeps the one-view selection score, which no longer matches these metrics: _repair_best,
             # which looks for that match, leaves a calibrated best.pt alone
             state.update(model=weights, threshold=val.pairs.threshold, metrics=val.to_dict(),
                          calibrated_views=val.views)
             _write_checkpoint(state, path)
-        return calibrated[states[best]["training"]["step"]][1]
+        return calibrated[_weights_id(states[best])][1]
 
     def _end_epoch(self, train_loss: float, images_per_s: float, seconds: float) -> None:
         generators = self.dist.gather_objects(self.generator_state)  # collective: every rank takes part
@@ -573,6 +624,7 @@ class Trainer:
         if improved:
             self.best_score = val.score
         if self.dist.is_main:
+            self._rank_epoch(val.score, metrics.epoch)
             state = self._state(val, generators)
             # last.pt first: a crash between the two saves is repaired on resume (see _repair_best)
             for path in [self.out_dir / "last.pt"] + ([self.out_dir / "best.pt"] if improved else []):
@@ -600,6 +652,7 @@ class Trainer:
                 "items_in_epoch": self.step_in_epoch * self.global_batch,
                 "world_size": self.dist.world_size,
                 "best_score": list(self.best_score),
+                "top_epochs": self.top_epochs,
                 "generators": generators,  # one per rank; None at an epoch boundary
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -634,6 +687,10 @@ class Trainer:
             self.scaler.load_state_dict(training["scaler"])
         torch.set_rng_state(training["torch_rng"].cpu())
         self.epoch, self.best_score = training["epoch"], tuple(training["best_score"])
+        self.top_epochs = [
+            entry | {"model": {name: tensor.cpu() for name, tensor in entry["model"].items()}}
+            for entry in training.get("top_epochs", [])
+        ]
         # the position in the epoch is kept in items, so a job may resume with another number of processes
         self.step_in_epoch = training["items_in_epoch"] // self.global_batch
         self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch

@@ -542,3 +542,94 @@ def test_calibrate_head_refuses_a_two_layer_head(classify_run: dict) -> None:
     embeddings = torch.rand(10, 64)
     with pytest.raises(TrainingError, match="use the pair objective"):
         calibrate_head(model, embeddings, classify_run["trainer"].calibration_pairs)
+
+
+@pytest.fixture(scope="module")
+def averaged_run(images: ImageSet, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Three epochs of the default preset, every epoch's weights kept, to check what best.pt averages."""
+    config = preset("fast", epochs=3, batch_size=32, val_pairs=50, log_every=5)
+    weights: dict[int, dict] = {}
+
+    def keep(metrics: EpochMetrics) -> None:
+        weights[metrics.epoch] = copy.deepcopy(trainer.model.state_dict())
+
+    trainer = Trainer(config, images, tmp_path_factory.mktemp("averaged") / "run", CPU, on_epoch=keep)
+    return {"trainer": trainer, "result": trainer.fit(), "weights": weights}
+
+
+def _with_scores(trainer: Trainer, score: list[float]) -> list[dict]:
+    """The trainer's best epochs, each given ``score``; returns the real ones, to put back."""
+    kept = trainer.top_epochs
+    trainer.top_epochs = [entry | {"score": score} for entry in kept]
+    return kept
+
+
+def test_the_two_best_epochs_are_kept_in_every_checkpoint(averaged_run: dict) -> None:
+    result = averaged_run["result"]
+    ranked = sorted(result.history, key=lambda m: m.score, reverse=True)  # stable: the earlier epoch wins a tie
+    kept = load_checkpoint(result.last_checkpoint)["training"]["top_epochs"]
+    assert [e["epoch"] for e in kept] == [m.epoch for m in ranked[:2]]
+    assert [e["score"] for e in kept] == [list(m.score) for m in ranked[:2]]
+    for entry in kept:
+        torch.testing.assert_close(entry["model"], averaged_run["weights"][entry["epoch"]])
+    # a run whose average validated no higher keeps the best epoch's own weights
+    best = load_checkpoint(result.best_checkpoint)
+    assert (result.averaged is None) == ("averaged_epochs" not in best)
+
+
+def test_best_checkpoint_takes_the_average_of_the_two_best_epochs(averaged_run: dict, tmp_path: Path) -> None:
+    trainer, weights = averaged_run["trainer"], averaged_run["weights"]
+    best = tmp_path / "best.pt"
+    best.write_bytes(averaged_run["result"].best_checkpoint.read_bytes())
+    kept = _with_scores(trainer, [0.0, 0.0])  # any average validates higher than that
+    try:
+        val = trainer._average_best(best)
+    finally:
+        trainer.top_epochs = kept
+    top = [entry["epoch"] for entry in kept]
+    state = load_checkpoint(best)
+    assert val is not None and state["averaged_epochs"] == top
+    assert state["metrics"] == val.to_dict() and state["threshold"] == val.pairs.threshold
+    backbone = [name for name in state["model"] if name.startswith("embedding.")]
+    assert any("running_mean" in name for name in backbone)  # batch-norm statistics are averaged too
+    for name in backbone:
+        first, second = weights[top[0]][name], weights[top[1]][name]
+        expected = (first.double() + second.double()) / 2 if first.is_floating_point() else first
+        torch.testing.assert_close(state["model"][name], expected.to(first.dtype))
+
+
+def test_an_average_that_validates_no_higher_leaves_best_checkpoint_alone(averaged_run: dict, tmp_path: Path) -> None:
+    trainer = averaged_run["trainer"]
+    best = tmp_path / "best.pt"
+    best.write_bytes(averaged_run["result"].best_checkpoint.read_bytes())
+    before = best.read_bytes()
+    kept = _with_scores(trainer, [1.0, 1.0])  # no average validates higher than that
+    try:
+        assert trainer._average_best(best) is None
+    finally:
+        trainer.top_epochs = kept
+    assert best.read_bytes() == before
+
+
+def test_without_averaging_best_checkpoint_holds_the_best_epoch(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=6, batch_size=32, val_pairs=50, average_best=1)
+    weights: dict[int, dict] = {}
+    trainer = Trainer(config, small, tmp_path / "run", CPU,
+                      on_epoch=lambda m: weights.setdefault(m.epoch, copy.deepcopy(trainer.model.state_dict())))
+    result = trainer.fit()
+    best_epoch = max(result.history, key=lambda m: m.score).epoch
+    best = load_checkpoint(result.best_checkpoint)
+    assert result.averaged is None and "averaged_epochs" not in best and best["training"]["top_epochs"] == []
+    for name, tensor in best["model"].items():
+        if name.startswith("embedding."):
+            torch.testing.assert_close(tensor, weights[best_epoch][name])
+
+
+def test_reference_presets_and_old_checkpoints_keep_the_best_epoch_alone() -> None:
+    assert preset("seed").average_best == preset("koch").average_best == 1
+    assert preset("fast").average_best == 2
+    assert TrainConfig.from_dict(asdict(preset("fast")) | {"average_best": 3}).average_best == 3
+    before_averaging = {k: v for k, v in asdict(preset("fast")).items() if k != "average_best"}
+    assert TrainConfig.from_dict(before_averaging).average_best == 1
+    with pytest.raises(ConfigError, match="average_best"):
+        preset("fast", average_best=0)

@@ -560,9 +560,20 @@ class Trainer:
 
         Two validation peaks epochs apart average into a network that generalises better than either
         (docs/results.md, "What was tried"); the moving average of every step does not."""
-        if len(self.top_epochs) < 2:
-            return None
-        states = [entry["model"] for entry in self.top_epochs]
+        if len(self.top_epochs) >= 2:
+            model = self._model_from([entry["model"] for entry in self.top_epochs])
+            val = self.validate(views=1, model=model)
+            if val.score > tuple(self.top_epochs[0]["score"]):
+                self._write_best(best, model, val, [entry["epoch"] for entry in self.top_epochs])
+                return val
+        # a run extended past an earlier end may hold that end's average in best.pt: back to the best epoch alone
+        if self.top_epochs and "averaged_epochs" in load_checkpoint(best, map_location=self.device):
+            model = self._model_from([self.top_epochs[0]["model"]])
+            self._write_best(best, model, self.validate(views=1, model=model), None)
+        return None
+
+    def _model_from(self, states: list[dict]) -> SiameseNetwork:
+        """A model with the mean of ``states`` (integer buffers from the first)."""
         weights = {
             name: (sum(state[name].double() for state in states) / len(states)).to(tensor.dtype)
             if tensor.is_floating_point() else tensor
@@ -570,14 +581,17 @@ class Trainer:
         }
         model = SiameseNetwork(self.model.config).to(self.device)
         model.load_state_dict(weights)
-        val = self.validate(views=1, model=model)
-        if not val.score > tuple(self.top_epochs[0]["score"]):
-            return None
+        return model
+
+    def _write_best(self, best: Path, model: SiameseNetwork, val: Validation, averaged: list[int] | None) -> None:
+        """Put ``model``, calibrated by ``val`` for one view, into ``best.pt`` (its training state unchanged)."""
         state = load_checkpoint(best, map_location=self.device)
-        state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict(), calibrated_views=1,
-                     averaged_epochs=[entry["epoch"] for entry in self.top_epochs])
+        state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict(), calibrated_views=1)
+        if averaged is None:
+            state.pop("averaged_epochs", None)
+        else:
+            state["averaged_epochs"] = averaged
         _write_checkpoint(state, best)
-        return val
 
     def _calibrate_views(self, best: Path, last: Path) -> Validation:
         """Recalibrate the heads and thresholds of ``best.pt`` and ``last.pt`` for the model's views (once when they

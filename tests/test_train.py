@@ -633,3 +633,23 @@ def test_reference_presets_and_old_checkpoints_keep_the_best_epoch_alone() -> No
     assert TrainConfig.from_dict(before_averaging).average_best == 1
     with pytest.raises(ConfigError, match="average_best"):
         preset("fast", average_best=0)
+
+
+def test_a_run_extended_past_an_averaged_end_goes_back_to_its_best_epoch(averaged_run: dict, tmp_path: Path) -> None:
+    trainer, result = averaged_run["trainer"], averaged_run["result"]
+    best = tmp_path / "best.pt"
+    best.write_bytes(result.best_checkpoint.read_bytes())
+    kept = _with_scores(trainer, [0.0, 0.0])  # the first end: the average validated higher
+    try:
+        assert trainer._average_best(best) is not None
+        trainer.top_epochs = [entry | {"score": [1.0, 1.0]} for entry in kept]  # the later end: it does not
+        assert trainer._average_best(best) is None
+    finally:
+        trainer.top_epochs = kept
+    state = load_checkpoint(best)
+    best_epoch = max(result.history, key=lambda m: m.score)
+    assert "averaged_epochs" not in state and state["calibrated_views"] == 1
+    assert state["threshold"] == best_epoch.threshold and state["metrics"]["one_shot"] == best_epoch.val_one_shot
+    for name, tensor in state["model"].items():
+        if name.startswith("embedding."):
+            torch.testing.assert_close(tensor, averaged_run["weights"][best_epoch.epoch][name])

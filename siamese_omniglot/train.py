@@ -579,7 +579,7 @@ class Trainer:
             if tensor.is_floating_point() else tensor
             for name, tensor in states[0].items()
         }
-        model = SiameseNetwork(self.model.config).to(self.device)
+        model = SiameseNetwork(self.model.config).to(self.device, memory_format=self.memory_format)
         model.load_state_dict(weights)
         return model
 

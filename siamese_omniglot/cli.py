@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -30,6 +30,9 @@ from .data.pairs import NEGATIVES, fixed_pairs
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
 from .staging import check_placement
+
+if TYPE_CHECKING:  # training is imported when a command needs it
+    from .train import Validation
 
 app = typer.Typer(
     name="siamese",
@@ -115,6 +118,11 @@ def _validation_summary(one_shot: float | None, roc_auc: float, accuracy: float,
     """One validation in the words of ``siamese train``'s closing lines."""
     prefix = "" if one_shot is None else f"val 1-shot {one_shot:.4f}, "
     return f"{prefix}val ROC AUC {roc_auc:.4f}, val accuracy {accuracy:.4f} at threshold {threshold:.3f}"
+
+
+def _summary_of(val: Validation) -> str:
+    """:func:`_validation_summary` of a ``Validation``."""
+    return _validation_summary(val.one_shot, val.pairs.roc_auc, val.pairs.accuracy, val.pairs.threshold)
 
 
 @app.command()
@@ -257,14 +265,11 @@ def train(
     summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
     out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
     if result.averaged is not None:
-        val = result.averaged
-        summary = _validation_summary(val.one_shot, val.pairs.roc_auc, val.pairs.accuracy, val.pairs.threshold)
         epochs = " and ".join(map(str, result.averaged_epochs))
-        out.print(f"weights of epochs {epochs} averaged: {summary}", markup=False, highlight=False)
+        out.print(f"weights of epochs {epochs} averaged: {_summary_of(result.averaged)}", markup=False, highlight=False)
     if result.best_with_views is not None:
         val = result.best_with_views
-        summary = _validation_summary(val.one_shot, val.pairs.roc_auc, val.pairs.accuracy, val.pairs.threshold)
-        out.print(f"with {val.views} views per image: {summary}", markup=False, highlight=False)
+        out.print(f"with {val.views} views per image: {_summary_of(val)}", markup=False, highlight=False)
     out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
     if trainer.step < trainer.total_steps:
         out.print(f"paused at step {trainer.step} of {trainer.total_steps}; continue with: siamese train --resume "

@@ -368,7 +368,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.generator_state: torch.Tensor | None = None
         self.best_score = (-math.inf, -math.inf)
-        # the `average_best` best epochs so far, best first: {"score", "epoch", "step", "model" (weights on the CPU)}
+        # the `average_best` best epochs so far, best first: {"score", "epoch", "model" (weights on the CPU)}
         self.top_epochs: list[dict] = []
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -550,7 +550,7 @@ class Trainer:
         if keep < 2 or (len(self.top_epochs) == keep and score <= tuple(self.top_epochs[-1]["score"])):
             return
         weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
-        entry = {"score": list(score), "epoch": epoch, "step": self.step, "model": weights}
+        entry = {"score": list(score), "epoch": epoch, "model": weights}
         ranked = sorted([*self.top_epochs, entry], key=lambda e: tuple(e["score"]), reverse=True)  # stable
         self.top_epochs = ranked[:keep]
 
@@ -560,16 +560,19 @@ class Trainer:
 
         Two validation peaks epochs apart average into a network that generalises better than either
         (docs/results.md, "What was tried"); the moving average of every step does not."""
+        if not self.top_epochs:
+            return None
+        state = load_checkpoint(best, map_location=self.device)
         if len(self.top_epochs) >= 2:
             model = self._model_from([entry["model"] for entry in self.top_epochs])
             val = self.validate(views=1, model=model)
             if val.score > tuple(self.top_epochs[0]["score"]):
-                self._write_best(best, model, val, [entry["epoch"] for entry in self.top_epochs])
+                self._write_best(state, best, model, val, [entry["epoch"] for entry in self.top_epochs])
                 return val
         # a run extended past an earlier end may hold that end's average in best.pt: back to the best epoch alone
-        if self.top_epochs and "averaged_epochs" in load_checkpoint(best, map_location=self.device):
+        if "averaged_epochs" in state:
             model = self._model_from([self.top_epochs[0]["model"]])
-            self._write_best(best, model, self.validate(views=1, model=model), None)
+            self._write_best(state, best, model, self.validate(views=1, model=model), None)
         return None
 
     def _model_from(self, states: list[dict]) -> SiameseNetwork:
@@ -583,9 +586,12 @@ class Trainer:
         model.load_state_dict(weights)
         return model
 
-    def _write_best(self, best: Path, model: SiameseNetwork, val: Validation, averaged: list[int] | None) -> None:
-        """Put ``model``, calibrated by ``val`` for one view, into ``best.pt`` (its training state unchanged)."""
-        state = load_checkpoint(best, map_location=self.device)
+    @staticmethod
+    def _write_best(
+        state: dict, best: Path, model: SiameseNetwork, val: Validation, averaged: list[int] | None
+    ) -> None:
+        """Put ``model``, calibrated by ``val`` for one view, into ``best.pt``'s ``state`` (its training state
+        unchanged) and write it."""
         state.update(model=model.state_dict(), threshold=val.pairs.threshold, metrics=val.to_dict(), calibrated_views=1)
         if averaged is None:
             state.pop("averaged_epochs", None)

@@ -642,7 +642,7 @@ def test_a_run_extended_past_an_averaged_end_goes_back_to_its_best_epoch(average
     kept = _with_scores(trainer, [0.0, 0.0])  # the first end: the average validated higher
     try:
         assert trainer._average_best(best) is not None
-        trainer.top_epochs = [entry | {"score": [1.0, 1.0]} for entry in kept]  # the later end: it does not
+        _with_scores(trainer, [1.0, 1.0])  # the later end: it does not
         assert trainer._average_best(best) is None
     finally:
         trainer.top_epochs = kept

@@ -720,7 +720,7 @@ def test_data_that_is_a_file_or_missing_is_refused(command: str, weights: Path, 
     split = "images_background.zip" if command == "train" else "images_evaluation.zip"
     run = run_cli(*head, "--data", missing, "--mirror", empty_mirror, cwd=tmp_path)
     assert_refused(run, f"mirror {empty_mirror} has no {split}")
-    assert not missing.exists()  # a folder made for a failed download is removed again
+    assert not (tmp_path / "no").exists()  # the folders made for a failed download are removed again
 
 
 def test_eval_lists_bad_images_and_reads_non_ascii_paths(damaged_tree: Path, weights: Path, mini_evaluation: Path,

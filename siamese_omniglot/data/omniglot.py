@@ -9,7 +9,6 @@ never extracted. Missing archives are downloaded from the official repository or
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import logging
@@ -160,13 +159,14 @@ def fetch_archive(
     The bytes go to a hidden ``.part`` file that is renamed only once the whole archive has arrived and
     is on disk, so an interrupted download is never taken for the archive.
     """
-    created = not root.exists()
+    made = _missing_folders(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
             dir=root, prefix=f".{filename}.", suffix=".part", delete=False
         )
     except OSError as error:
+        _remove_empty(made)
         raise DataError(f"{root}: cannot write the download there ({error.strerror or error})") from None
     target = root / filename
     source = mirror_source(mirror)
@@ -196,13 +196,30 @@ def fetch_archive(
         os.replace(tmp.name, target)
     except BaseException as error:
         Path(tmp.name).unlink(missing_ok=True)
-        if created:
-            with contextlib.suppress(OSError):
-                root.rmdir()  # only when still empty: a folder made for nothing is not left behind
+        _remove_empty(made)  # folders made for nothing are not left behind
         if isinstance(error, OSError):  # a full disk or a vanished folder while writing
             raise DataError(f"{target}: cannot write the download ({error.strerror or error})") from None
         raise
     return target
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` in order, stopping at the first that is not empty (or cannot be removed)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _copy_stream(source, sink, total: int, what: str, progress: ProgressFn | None) -> None:

@@ -46,10 +46,14 @@ def embed_pixels(
 
 
 @torch.no_grad()
-def pair_logits(model: SiameseNetwork, embeddings: torch.Tensor, pairs: Pairs) -> torch.Tensor:
-    """Same-class logits of index pairs into ``embeddings``."""
+def pair_logits(
+    model: SiameseNetwork, embeddings: torch.Tensor, pairs: Pairs, chunk: int = 8192
+) -> torch.Tensor:
+    """Same-class logits of index pairs into ``embeddings``, ``chunk`` pairs at a time (memory stays bounded)."""
     pairs = pairs.to(embeddings.device)
-    return model.score_embeddings(embeddings[pairs.first], embeddings[pairs.second]).float()
+    chunks = zip(pairs.first.split(chunk), pairs.second.split(chunk), strict=True)
+    parts = [model.score_embeddings(embeddings[first], embeddings[second]).float() for first, second in chunks]
+    return torch.cat(parts) if parts else torch.empty(0, device=embeddings.device)
 
 
 def roc_auc(scores: torch.Tensor, same: torch.Tensor) -> float:
@@ -72,11 +76,19 @@ def roc_auc(scores: torch.Tensor, same: torch.Tensor) -> float:
 def _sweep(scores: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholds (each distinct score) with the false-accept and false-reject rates of ``score ≥ t``."""
     scores, same = scores.double().cpu(), same.bool().cpu()
-    thresholds = torch.unique(scores)
-    accept = scores[None, :] >= thresholds[:, None]
-    false_accept = (accept & ~same).sum(1).double() / max(int((~same).sum()), 1)
-    false_reject = (~accept & same).sum(1).double() / max(int(same.sum()), 1)
+    thresholds, inverse = torch.unique(scores, return_inverse=True)  # ascending
+    # pairs scoring at or above each threshold: counts per distinct score, summed from the top (O(n log n))
+    different_above = _count_from_top(inverse[~same], len(thresholds))
+    same_above = _count_from_top(inverse[same], len(thresholds))
+    positives = int(same.sum())
+    false_accept = different_above / max(len(same) - positives, 1)
+    false_reject = (positives - same_above) / max(positives, 1)
     return thresholds, false_accept, false_reject
+
+
+def _count_from_top(bins: torch.Tensor, size: int) -> torch.Tensor:
+    """For each bin ``i`` of ``size``, how many of ``bins`` are ``≥ i`` (float64)."""
+    return torch.bincount(bins, minlength=size).flip(0).cumsum(0).flip(0).double()
 
 
 def equal_error_rate(scores: torch.Tensor, same: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from siamese_omniglot.data import ImageSet, LakeRuns, load_folder, load_lake_runs, sample_episodes
+from siamese_omniglot.data.pairs import Pairs
 from siamese_omniglot.evaluate import (
     best_threshold,
     binomial_interval,
@@ -19,6 +20,7 @@ from siamese_omniglot.evaluate import (
     equal_error_rate,
     lake_runs_accuracy,
     one_shot_accuracy,
+    pair_logits,
     pair_metrics,
     roc_auc,
     roc_curve,
@@ -71,6 +73,35 @@ def test_equal_error_rate_and_best_threshold(scores: list, same: list, eer: floa
     scores_t, same_t = torch.tensor(scores), torch.tensor(same)
     assert equal_error_rate(scores_t, same_t) == pytest.approx(eer)
     assert best_threshold(scores_t, same_t) == pytest.approx(threshold, abs=1e-6)
+
+
+def brute_force_rates(scores: list[int], same: list[bool], threshold: int) -> tuple[float, float]:
+    """False-accept and false-reject rates of ``score ≥ threshold``, counted pair by pair."""
+    accepted = [s >= threshold for s in scores]
+    different = [a for a, y in zip(accepted, same, strict=True) if not y]
+    alike = [not a for a, y in zip(accepted, same, strict=True) if y]
+    return sum(different) / max(len(different), 1), sum(alike) / max(len(alike), 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.booleans()), min_size=2, max_size=40))
+def test_the_roc_curve_counts_every_threshold_with_ties(items: list[tuple[int, bool]]) -> None:
+    scores, same = [s for s, _ in items], [y for _, y in items]
+    fpr, tpr = roc_curve(torch.tensor(scores, dtype=torch.float64), torch.tensor(same))
+    thresholds = sorted(set(scores), reverse=True)  # the curve's inner points, from the highest threshold down
+    for i, threshold in enumerate(thresholds, start=1):
+        false_accept, false_reject = brute_force_rates(scores, same, threshold)
+        assert float(fpr[i]) == pytest.approx(false_accept, abs=1e-12)
+        assert float(tpr[i]) == pytest.approx(1 - false_reject, abs=1e-12)
+
+
+def test_thresholds_and_error_rates_scale_to_millions_of_pairs() -> None:
+    """One distinct score per pair: a threshold × pair table would take terabytes."""
+    generator = torch.Generator().manual_seed(4)
+    same = torch.arange(2_000_000) % 2 == 0
+    scores = torch.rand(2_000_000, generator=generator, dtype=torch.float64) + same  # separable at 1
+    assert equal_error_rate(scores, same) == 0
+    assert best_threshold(scores, same) == pytest.approx(1, abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -178,3 +209,13 @@ def test_roc_curve_runs_from_origin_to_corner_and_encloses_the_auc() -> None:
     assert bool((fpr.diff() >= 0).all() and (tpr.diff() >= 0).all())
     area = float(((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2).sum())  # trapezoids: ties count ½
     assert area == pytest.approx(roc_auc(scores, same), abs=1e-9)
+
+
+def test_pair_logits_in_chunks_match_one_pass() -> None:
+    model = distance_model(-1.0)
+    embeddings = torch.randn(12, model.embedding_dim, generator=torch.Generator().manual_seed(2))
+    first, second = torch.arange(12), torch.arange(12).roll(5)
+    pairs = Pairs(first, second, first % 2 == 0)
+    expected = -(embeddings[first] - embeddings[second]).abs().sum(1)
+    torch.testing.assert_close(pair_logits(model, embeddings, pairs, chunk=5), expected)
+    torch.testing.assert_close(pair_logits(model, embeddings, pairs), expected)

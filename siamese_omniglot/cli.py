@@ -57,6 +57,9 @@ MirrorOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {devices.DEVICE_SPEC_HELP}")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")]
+# what `eval` draws and scores in memory at once: a few GB at these sizes
+MOST_PAIRS = 10_000_000  # --pairs (same and different each)
+MOST_CANDIDATES = 10_000_000  # --trials × --way
 CheckpointOption = Annotated[
     Path | None,
     typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt) \\[default: the bundled fast model]",
@@ -169,8 +172,8 @@ def train(
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="Continue the run of this last.pt with its own settings (only --epochs "
-                     "and --max-steps may change; --stop-after pauses it again)"),
+        typer.Option("--resume", help="Continue the run of this last.pt with its own settings (only --epochs, "
+                     "--max-steps and --log-every may change; --stop-after pauses it again)"),
     ] = None,
     nproc_per_node: Annotated[
         int, typer.Option("--nproc-per-node", "--nproc_per_node", min=1,
@@ -223,7 +226,7 @@ def train(
             given = [name for name, value in fixed.items() if value is not None]
             if given:
                 raise ConfigError(f"--resume continues with the checkpoint's settings; drop {', '.join(given)}")
-            config = resume_config(resume, epochs=epochs, max_steps=max_steps)
+            config = resume_config(resume, epochs=epochs, max_steps=max_steps, log_every=log_every)
             run_dir = out_dir or resume.parent
         if processes > 1 and "WORLD_SIZE" not in os.environ:
             devices.resolve_device(device)
@@ -289,7 +292,7 @@ def _check_writable(run_dir: Path) -> None:
 def _worker_args(config, resume: Path | None, **given) -> list[str]:
     """The ``train`` options of one worker: everything resolved here, passed explicitly."""
     if resume is not None:
-        values = {"resume": resume, **given}
+        values = {"resume": resume, "log_every": config.log_every, **given}
     else:
         settings = {k: v for k, v in config.to_dict().items() if k in ("batch_size", "lr", "seed", "log_every")}
         values = {"preset": config.preset, **settings, **given}
@@ -391,6 +394,11 @@ def evaluate(
         if negatives not in NEGATIVES:
             raise ConfigError(f"unknown --negatives {negatives!r}: choose one of {', '.join(NEGATIVES)}")
         design = NEGATIVES[negatives]
+        if pairs > MOST_PAIRS:
+            raise ConfigError(f"--pairs {pairs}: at most {MOST_PAIRS:,} same and different pairs each fit in memory")
+        if trials * way > MOST_CANDIDATES:
+            raise ConfigError(f"--trials {trials} × --way {way}: at most {MOST_CANDIDATES:,} candidates in all fit in "
+                              "memory; lower --trials")
         if plot is not None:
             _require_plotting()
             if plot.exists() and not plot.is_dir():

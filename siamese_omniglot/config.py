@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import ConfigError
@@ -62,7 +63,6 @@ class TrainConfig:
         checks = {
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "val_pairs": self.val_pairs >= 10,
             "val_trials": self.val_trials >= 1,
@@ -75,8 +75,17 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}: must be positive")
-        if not self.elastic >= 0:  # NaN too
-            raise ConfigError(f"invalid setting elastic={self.elastic!r}: must be a number ≥ 0")
+        if not 0 < self.lr < math.inf:  # NaN too
+            raise ConfigError(f"invalid setting lr={self.lr!r}: must be a finite number > 0")
+        if not 0 <= self.elastic < math.inf:  # NaN too
+            raise ConfigError(f"invalid setting elastic={self.elastic!r}: must be a finite number ≥ 0")
+        if not -(2**63) <= self.seed < 2**63:  # torch.manual_seed takes 64 bits
+            raise ConfigError(f"invalid setting seed={self.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)")
+        if self.pretrained and self.backbone != "vgg16":
+            raise ConfigError(
+                f"pretrained weights exist only for the vgg16 network (preset seed), not {self.backbone!r} "
+                f"(preset {self.preset}): drop --pretrained"
+            )
 
     def to_dict(self) -> dict:
         """Plain dict for JSON and checkpoints."""

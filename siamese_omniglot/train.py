@@ -166,8 +166,11 @@ def check_run_dir(out_dir: Path, resume: str | Path | None = None) -> None:
         )
 
 
-def resume_config(checkpoint: str | Path, epochs: int | None = None, max_steps: int | None = None) -> TrainConfig:
-    """The settings a checkpoint was trained with, optionally with more epochs or another step limit."""
+def resume_config(
+    checkpoint: str | Path, epochs: int | None = None, max_steps: int | None = None, log_every: int | None = None
+) -> TrainConfig:
+    """The settings a checkpoint was trained with, optionally with more epochs, another step limit or another
+    interval between progress reports."""
     state = load_checkpoint(checkpoint)
     if "train_config" not in state:
         raise CheckpointError(f"{checkpoint}: holds no training settings; cannot resume from it")
@@ -176,7 +179,8 @@ def resume_config(checkpoint: str | Path, epochs: int | None = None, max_steps: 
         # the network's settings as saved, whatever its backbone's defaults are now (they change between versions)
         saved = ModelConfig.from_dict(state["model_config"])
         network = {name: getattr(saved, name) for name in MODEL_SETTINGS}
-        return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps, **network)
+        return replace(config, epochs=epochs or config.epochs, max_steps=max_steps or config.max_steps,
+                       log_every=log_every or config.log_every, **network)
     except (SiameseError, TypeError, ValueError) as error:  # another version's or a hand-made checkpoint
         raise CheckpointError(f"{checkpoint}: its training settings cannot be used ({error})") from None
 
@@ -346,6 +350,12 @@ class Trainer:
         self.val_pairs = fixed_pairs(val, config.val_pairs, config.seed + 2, config.within_alphabet)
         self.val_episodes = validation_episodes(val, config.val_trials, config.seed + 3)
         self.global_batch = config.batch_size * self.dist.world_size
+        if self.global_batch > len(train):
+            processes = f" × {self.dist.world_size} processes" if self.dist.enabled else ""
+            raise ConfigError(
+                f"batch size {config.batch_size}{processes} exceeds the {len(train)} training images: an epoch must "
+                "hold one batch at least; lower --batch-size"
+            )
         self.steps_per_epoch = max(1, len(train) // self.global_batch)
         planned = config.epochs * self.steps_per_epoch
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
@@ -388,6 +398,12 @@ class Trainer:
         if self.dist.is_main:
             check_run_dir(self.out_dir, resume)
         state = self._restore(resume) if resume is not None else None
+        if self.step > self.total_steps:  # resumed with fewer --epochs or --max-steps than it has taken
+            limits = f"epochs {self.config.epochs}"
+            if self.config.max_steps:
+                limits += f", max steps {self.config.max_steps}"
+            raise ConfigError(f"the run is already at step {self.step}, past its last step {self.total_steps} "
+                              f"({limits})")
         if stop_after is not None and stop_after <= self.step:
             raise ConfigError(f"stop after step {stop_after}: the run is already at step {self.step}")
         if self.dist.is_main:  # accepted: only now is anything written
@@ -440,10 +456,7 @@ class Trainer:
                 # the only host sync of the loop: every rank reaches it at the same step
                 mean_loss = float(self.dist.all_reduce_mean(interval_loss)) / interval_steps
                 if not math.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"the loss became {mean_loss} by step {self.step}; the last good checkpoint is kept — "
-                        "lower --lr or turn off --amp"
-                    )
+                    raise self._diverged(f"the loss became {mean_loss}")
                 now = time.perf_counter()
                 images_per_s = interval_steps * self.images_per_step / (now - interval_started)
                 self._report(mean_loss, images_per_s)
@@ -459,11 +472,13 @@ class Trainer:
         train_loss = float(self.dist.all_reduce_mean(loss_sum)) / max(steps_done, 1)
         # steps since the last log interval, and the last step's update, are checked before anything is saved
         if not math.isfinite(train_loss) or not self._weights_finite():
-            raise TrainingError(
-                f"the loss or the weights stopped being finite by step {self.step}; the last good checkpoint is "
-                "kept — lower --lr or turn off --amp"
-            )
+            raise self._diverged("the loss or the weights stopped being finite")
         self._end_epoch(train_loss, images_per_s, seconds)
+
+    def _diverged(self, what: str) -> TrainingError:
+        """The error that ends a run whose loss or weights are no longer finite: ``what`` happened by this step."""
+        kept = "the last good checkpoint is kept" if self.history else "no checkpoint had been saved yet"
+        return TrainingError(f"{what} by step {self.step}; {kept} — lower --lr or turn off --amp")
 
     def _weights_finite(self) -> bool:
         flags = [torch.isfinite(p).all() for p in self.objective.parameters()]

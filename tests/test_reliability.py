@@ -427,7 +427,7 @@ def test_cli_stop_after_pauses_and_resume_finishes_like_an_unpaused_run(tiny_tre
 
 def test_a_diverging_run_stops_at_the_next_log_interval(tiny_tree: Path, tmp_path: Path) -> None:
     run = run_cli(*TRAIN, "--data", tiny_tree, "--out", tmp_path / "run", "--lr", "1e30", cwd=tmp_path)
-    line = assert_fails_once_started(run, "the loss became nan by step 2; the last good checkpoint is kept")
+    line = assert_fails_once_started(run, "the loss became nan by step 2; no checkpoint had been saved yet")
     assert "lower --lr" in line
     assert "step 1/" in run.stderr  # step 1 was still finite, and reported
     assert not list((tmp_path / "run").glob("*.pt")) and not list((tmp_path / "run").glob(".*tmp"))
@@ -438,7 +438,7 @@ def test_divergence_between_log_intervals_is_caught_before_saving(small: ImageSe
     from siamese_omniglot.errors import TrainingError
 
     config = preset("fast", epochs=2, batch_size=8, val_pairs=50, log_every=1000, lr=1e30)
-    with pytest.raises(TrainingError, match="stopped being finite by step 5; the last good checkpoint is kept"):
+    with pytest.raises(TrainingError, match="stopped being finite by step 5; no checkpoint had been saved yet"):
         Trainer(config, small, tmp_path, CPU).fit()
     assert not list(tmp_path.glob("*.pt"))
 
@@ -767,6 +767,50 @@ def test_train_resume_refused_after_start_up_leaves_no_new_folder(tiny_tree: Pat
                   tmp_path / "new", "--stop-after", 1, cwd=tmp_path)
     assert_refused(run, "stop after step 1: the run is already at step 2")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--seed", 2**64], f"invalid setting seed={2**64}: must fit in 64 bits"),
+        (["--lr", "inf"], "invalid setting lr=inf: must be a finite number > 0"),
+        (["--pretrained"], "pretrained weights exist only for the vgg16 network (preset seed), not 'fast'"),
+        (["--batch-size", 100_000], "batch size 100000 exceeds the"),
+    ],
+    ids=["seed-beyond-64-bits", "infinite-lr", "pretrained-fast", "batch-beyond-the-data"],
+)
+def test_train_refuses_settings_it_cannot_honour(options: list, message: str, tiny_tree: Path,
+                                                 tmp_path: Path) -> None:
+    run = run_cli(*TRAIN, "--data", tiny_tree, "--out", tmp_path / "run", *options, cwd=tmp_path)
+    assert_refused(run, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_an_end_before_the_step_reached(tiny_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    paused = run_cli(*TRAIN, "--data", tiny_tree, "--out", out, "--epochs", 2, "--stop-after", 3, cwd=tmp_path)
+    assert paused.code == 0, paused.stderr
+    before = {path.name: path.read_bytes() for path in out.glob("*.pt")}
+    run = run_cli(*TRAIN[:3], "--resume", out / "last.pt", "--data", tiny_tree, "--max-steps", 2, cwd=tmp_path)
+    assert_refused(run, "the run is already at step 3, past its last step 2 (epochs 2, max steps 2)")
+    assert {path.name: path.read_bytes() for path in out.glob("*.pt")} == before
+
+
+def test_resume_reports_progress_at_a_new_interval(tiny_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    paused = run_cli(*TRAIN, "--data", tiny_tree, "--out", out, "--epochs", 1, "--log-every", 100, "--stop-after", 1,
+                     cwd=tmp_path)
+    assert paused.code == 0, paused.stderr
+    resumed = run_cli(*TRAIN[:3], "--resume", out / "last.pt", "--data", tiny_tree, "--log-every", 1, cwd=tmp_path)
+    assert resumed.code == 0, resumed.stderr
+    assert [f"step {step}/5" in resumed.stderr for step in range(2, 6)] == [True] * 4
+
+
+def test_eval_refuses_sizes_beyond_memory(weights: Path, tmp_path: Path) -> None:
+    run = run_cli("eval", weights, "--pairs", 10**8, "--device", "cpu", cwd=tmp_path)
+    assert_refused(run, "--pairs 100000000: at most 10,000,000 same and different pairs each fit in memory")
+    run = run_cli("eval", weights, "--trials", 10**7, "--way", 47, "--shot", 19, "--device", "cpu", cwd=tmp_path)
+    assert_refused(run, "--trials 10000000 × --way 47: at most 10,000,000 candidates in all fit in memory")
 
 
 def test_train_refuses_an_out_folder_under_a_file(tiny_tree: Path, tmp_path: Path) -> None:

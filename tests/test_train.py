@@ -285,7 +285,8 @@ def test_training_batches_are_bent_by_the_configured_elastic_strength(small: Ima
     index = torch.arange(8)
     batches = {}
     for elastic in (0.0, 0.15):
-        trainer = Trainer(preset("fast", elastic=elastic, val_pairs=20), small, tmp_path / str(elastic), CPU)
+        config = preset("fast", elastic=elastic, val_pairs=20, batch_size=8)
+        trainer = Trainer(config, small, tmp_path / str(elastic), CPU)
         batches[elastic] = trainer.batch(index, seeded_generator(5))
         ink = trainer.staged.gather(index).float().div_(255)
         expected = F.avg_pool2d(random_distortion(ink, seeded_generator(5), elastic=elastic), 3)
@@ -313,7 +314,7 @@ def test_supersampled_distortions_keep_strokes_as_sharp_as_evaluation_images(ima
 
 
 def test_without_augmentation_training_images_are_staged_at_the_input_size(small: ImageSet, tmp_path: Path) -> None:
-    trainer = Trainer(preset("fast", augment=False, val_pairs=20), small, tmp_path, CPU)
+    trainer = Trainer(preset("fast", augment=False, val_pairs=20, batch_size=8), small, tmp_path, CPU)
     index = torch.arange(5)
     assert trainer.staged.ink.shape[-1] == 28
     assert torch.equal(trainer.batch(index, seeded_generator(5)), trainer.staged.gather(index).float() / 255)
@@ -322,7 +323,8 @@ def test_without_augmentation_training_images_are_staged_at_the_input_size(small
 def test_distortions_are_never_drawn_finer_than_the_images(small: ImageSet, tmp_path: Path) -> None:
     assert small.pixels.shape[-1] == 105
     for input_px, staged_px in ((40, 120), (105, 105)):  # 3 × 40 px; 105 px needs no finer grid
-        trainer = Trainer(preset("fast", input_px=input_px, val_pairs=20), small, tmp_path / str(input_px), CPU)
+        config = preset("fast", input_px=input_px, val_pairs=20, batch_size=8)
+        trainer = Trainer(config, small, tmp_path / str(input_px), CPU)
         assert trainer.staged.ink.shape[-1] == staged_px
         assert trainer.batch(torch.arange(4), seeded_generator(5)).shape == (4, 1, input_px, input_px)
 
@@ -335,9 +337,9 @@ def test_supersample_must_be_positive_and_old_checkpoints_resume_without_it() ->
     assert TrainConfig.from_dict(older).supersample == 1  # as it was trained
 
 
-@pytest.mark.parametrize("elastic", [-0.1, float("nan")])
+@pytest.mark.parametrize("elastic", [-0.1, float("nan"), float("inf")])
 def test_elastic_must_be_a_number_not_below_zero(elastic: float) -> None:
-    with pytest.raises(ConfigError, match=f"invalid setting elastic={elastic!r}: must be a number ≥ 0"):
+    with pytest.raises(ConfigError, match=f"invalid setting elastic={elastic!r}: must be a finite number ≥ 0"):
         preset("fast", elastic=elastic)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from .checkpoint import PREPROCESSING
 from .data.images import CANVAS_PX, to_ink
 from .errors import DependencyError, ExportError, OutputError
-from .files import atomic_write
+from .files import atomic_write, make_folders, remove_empty
 from .models import SiameseNetwork
 from .verify import Verifier
 
@@ -206,18 +206,14 @@ def export_onnx(
 def _output_folder(out_dir: Path) -> Iterator[None]:
     """Make ``out_dir`` (parents included) for a block; when the block fails, remove again the folders made here
     that it left empty."""
-    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # innermost first
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        made = make_folders(out_dir)
     except OSError as error:
         raise OutputError(f"{out_dir}: cannot create ({error.strerror})") from None
     try:
         yield
     except BaseException:
-        for folder in made:
-            if any(folder.iterdir()):
-                break
-            folder.rmdir()
+        remove_empty(made)
         raise
 
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader, or a process killed midway, sees the old file or the new one, whole."""
+"""Atomic file writes (a reader, or a process killed midway, sees the old file or the new one, whole), and folders
+made for work that may fail, removed again when it does."""
 
 from __future__ import annotations
 
@@ -34,3 +35,27 @@ def atomic_write(path: str | Path, mode: str = "wb", suffix: str = ".tmp") -> It
     except BaseException:
         Path(tmp.name).unlink(missing_ok=True)
         raise
+
+
+def make_folders(path: Path) -> list[Path]:
+    """Make ``path`` and its missing parents; returns the folders made, innermost first, for :func:`remove_empty`.
+
+    Raises:
+        OSError: a folder cannot be made; none made here is left behind.
+    """
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_empty(made)
+        raise
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` in order, stopping at the first that is not empty (or cannot be removed)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -356,7 +356,7 @@ class Trainer:
                 f"batch size {config.batch_size}{processes} exceeds the {len(train)} training images: an epoch must "
                 "hold one batch at least; lower --batch-size"
             )
-        self.steps_per_epoch = max(1, len(train) // self.global_batch)
+        self.steps_per_epoch = len(train) // self.global_batch  # ≥ 1: the batch fits in the data
         planned = config.epochs * self.steps_per_epoch
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
         self.stop_step = self.total_steps  # fit(stop_after=…) pauses earlier, the schedule unchanged

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..files import atomic_write
+from ..files import atomic_write, make_folders, remove_empty
 from .folders import ImageIndex, decode_index, index_paths
 from .images import CANVAS_PX, ImageSet
 
@@ -159,14 +159,14 @@ def fetch_archive(
     The bytes go to a hidden ``.part`` file that is renamed only once the whole archive has arrived and
     is on disk, so an interrupted download is never taken for the archive.
     """
-    made = _missing_folders(root)
+    made: list[Path] = []
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        made = make_folders(root)
         tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
             dir=root, prefix=f".{filename}.", suffix=".part", delete=False
         )
     except OSError as error:
-        _remove_empty(made)
+        remove_empty(made)
         raise DataError(f"{root}: cannot write the download there ({error.strerror or error})") from None
     target = root / filename
     source = mirror_source(mirror)
@@ -196,30 +196,11 @@ def fetch_archive(
         os.replace(tmp.name, target)
     except BaseException as error:
         Path(tmp.name).unlink(missing_ok=True)
-        _remove_empty(made)  # folders made for nothing are not left behind
+        remove_empty(made)  # folders made for nothing are not left behind
         if isinstance(error, OSError):  # a full disk or a vanished folder while writing
             raise DataError(f"{target}: cannot write the download ({error.strerror or error})") from None
         raise
     return target
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """``path`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            break
-        missing.append(folder)
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` in order, stopping at the first that is not empty (or cannot be removed)."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _copy_stream(source, sink, total: int, what: str, progress: ProgressFn | None) -> None:

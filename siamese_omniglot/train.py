@@ -591,7 +591,7 @@ class Trainer:
         return None
 
     def _model_from(self, states: list[dict]) -> SiameseNetwork:
-        """A model with the mean of ``states`` (integer buffers from the first)."""
+        """A model in the training layout with the mean of ``states`` (integer buffers from the first)."""
         weights = {
             name: (sum(state[name].double() for state in states) / len(states)).to(tensor.dtype)
             if tensor.is_floating_point() else tensor
@@ -622,8 +622,7 @@ class Trainer:
         for path, state in states.items():
             key = _weights_id(state)
             if key not in calibrated:
-                model = SiameseNetwork(self.model.config).to(self.device)
-                model.load_state_dict(state["model"])
+                model = self._model_from([state["model"]])
                 calibrated[key] = (model.state_dict(), self.validate(model=model))
             weights, val = calibrated[key]
             # "training" keeps the one-view selection score, which no longer matches these metrics: _repair_best,

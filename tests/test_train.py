@@ -156,15 +156,18 @@ def test_best_and_last_at_the_same_step_are_calibrated_for_views_once(
     small: ImageSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trainer = Trainer(preset("fast", max_steps=4, batch_size=16, val_pairs=50), small, tmp_path, CPU)
-    validate, views_asked = trainer.validate, []
+    validate, views_asked, layouts = trainer.validate, [], []
 
     def counted(views: int | None = None, model: SiameseNetwork | None = None) -> Validation:
         views_asked.append(views)
+        kernels = [p for p in (model or trainer.model).parameters() if p.dim() == 4]
+        layouts.append(all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels))
         return validate(views, model)
 
     monkeypatch.setattr(trainer, "validate", counted)
     trainer.fit()
     assert views_asked == [1, None]  # the epoch's one-view validation, then one with the model's views for both
+    assert layouts == [True, True]  # the five-view validation embeds in the training layout too (channels-last here)
     for name in ("best.pt", "last.pt"):
         calibrated_for(trainer, tmp_path / name, 5)
 

@@ -43,7 +43,7 @@ def test_torchrun_cli_ranks_agree_loss_falls_and_only_rank0_writes(mini_backgrou
     out = tmp_path / "run"
     done = torchrun(["train", "--data", str(mini_background), "--out", str(out), "--max-steps", "20", *SMALL],
                     tmp_path / "dump")
-    rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["params"].keys() == rank1["params"].keys()
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
@@ -61,7 +61,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(mini_background, tmp
     exact = {"augment": False, "batch_norm": False, "max_steps": 6, "val_pairs": 50, "log_every": 3}
     torchrun(["api", json.dumps(exact | {"batch_size": 8}), str(mini_background), str(tmp_path / "two")],
              tmp_path / "dump")
-    two = torch.load(tmp_path / "dump" / "rank0.pt")["params"]
+    two = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=True)["params"]
     trainer = so.Trainer(so.TrainConfig(**exact, batch_size=16), so.load_training_set(mini_background),
                          tmp_path / "one", torch.device("cpu"))
     trainer.fit()

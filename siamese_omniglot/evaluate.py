@@ -150,9 +150,10 @@ def pair_metrics(logits: torch.Tensor, same: torch.Tensor, threshold: float) -> 
     logits, same = logits.float().cpu(), same.bool().cpu()
     scores = torch.sigmoid(logits)
     decided = scores >= threshold
+    count = int(same.numel())
     return PairMetrics(
-        pairs=int(same.numel()),
-        accuracy=float((decided == same).float().mean()),
+        pairs=count,
+        accuracy=int((decided == same).sum()) / count if count else float("nan"),  # a ratio of counts, exact
         roc_auc=roc_auc(logits, same),
         eer=equal_error_rate(logits, same),
         loss=float(F.binary_cross_entropy_with_logits(logits, same.float())),

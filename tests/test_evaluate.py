@@ -132,12 +132,12 @@ def test_pair_metrics_on_hand_made_logits() -> None:
         math.log1p(math.exp(x)) for x in (1.0, -2.0, -0.5)
     )
     assert metrics.pairs == 6
-    assert metrics.accuracy == pytest.approx(4 / 6)  # decided same: 2.0, 0.5 (right), 1.0 (wrong); -1.0 missed
+    assert metrics.accuracy == 4 / 6  # exact, not float32; decided same: 2.0, 0.5 (right), 1.0 (wrong); -1.0 missed
     assert metrics.roc_auc == pytest.approx(6 / 9)
     assert metrics.eer == pytest.approx(1 / 3)
     assert metrics.loss == pytest.approx(expected_loss / 6, rel=1e-6)
     assert metrics.threshold == 0.5
-    assert pair_metrics(logits, same, threshold=0.8).accuracy == pytest.approx(4 / 6)  # sigmoid(2) ≥ 0.8 only
+    assert pair_metrics(logits, same, threshold=0.8).accuracy == 4 / 6  # sigmoid(2) ≥ 0.8 only
     assert metrics.to_dict()["roc_auc"] == metrics.roc_auc
 
 

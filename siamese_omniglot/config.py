@@ -141,4 +141,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     """A named preset with some settings replaced (``None`` values are ignored)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"TrainConfig has no setting {', '.join(map(repr, unknown))}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

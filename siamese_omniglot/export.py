@@ -33,7 +33,7 @@ from torch import nn
 
 from .checkpoint import PREPROCESSING
 from .data.images import CANVAS_PX, to_ink
-from .errors import DependencyError, ExportError, OutputError
+from .errors import ConfigError, DependencyError, ExportError, OutputError
 from .files import atomic_write, make_folders, remove_empty
 from .models import SiameseNetwork
 from .verify import Verifier
@@ -142,14 +142,17 @@ def export_onnx(
     Args:
         model: a ``Verifier`` (its threshold is used) or a ``SiameseNetwork``.
         out_dir: the folder to write to (created when missing).
-        threshold: the decision threshold stored in the metadata (default: the Verifier's).
+        threshold: the decision threshold stored in the metadata (default: the Verifier's; required with a
+            ``SiameseNetwork``).
         opset: the ONNX opset version.
         tolerance: the largest absolute difference from PyTorch accepted.
     """
-    onnx, ort = _onnx_modules()
     if isinstance(model, Verifier):
         threshold = model.threshold if threshold is None else threshold
         model = model.model
+    if threshold is None:
+        raise ConfigError("a SiameseNetwork carries no calibrated threshold: pass threshold= or a Verifier")
+    onnx, ort = _onnx_modules()
     if model.config.frame and opset < FRAMING_OPSET:
         # framing sums sampling weights with a scatter-add, which ONNX has only from opset 16 (ScatterElements)
         raise ExportError(f"a model that frames its input needs ONNX opset {FRAMING_OPSET} or later, not {opset}")

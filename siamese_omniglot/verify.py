@@ -90,10 +90,9 @@ class Verifier:
         [N, H, W], each padded to square and resized to the canvas as image files are.
 
         Raises:
-            DataError: an array that is not of gray levels: floats, or integers outside 0–255.
+            DataError: an array that is not of gray levels: floats, integers outside 0–255, or colour pixels.
         """
-        is_batch = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3
-        items = list(images) if is_batch or isinstance(images, list) else [images]
+        items = _single_images(images)
         arrays = [read_image(i) if isinstance(i, (str, Path)) else fit_to_canvas(_gray_levels(i)) for i in items]
         if not arrays:
             return torch.empty(0, CANVAS_PX, CANVAS_PX, dtype=torch.uint8)
@@ -144,9 +143,7 @@ class Verifier:
             raise ConfigError(f"top_k must be at least 1, not {top_k}")
         if not isinstance(support, Support):
             support = self.load_support(support, cache)
-        items = queries if isinstance(queries, list) else [queries]
-        if isinstance(queries, (np.ndarray, torch.Tensor)) and queries.ndim == 3:
-            items = list(queries)
+        items = _single_images(queries)
         names = [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
         scores = class_scores(self.model, self.embed(items), support)
         return rank_classes(scores, support, names, top_k, self.threshold)
@@ -159,9 +156,29 @@ def _mismatch(error: RuntimeError, limit: int = 160) -> str:
     return reason if len(reason) <= limit else reason[: limit - 1] + "…"
 
 
+def _single_images(images: ImageLike | list[ImageLike]) -> list[ImageLike]:
+    """One image, a list of them or a batch [N, H, W] as a list of single images; colour arrays are refused."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+        _refuse_colour(images)
+        return list(images)
+    return images if isinstance(images, list) else [images]
+
+
+def _refuse_colour(array: np.ndarray | torch.Tensor) -> None:
+    """Refuse an array [H, W, 3 or 4], which would be misread as a batch of H images W × 3 pixels wide."""
+    if array.shape[-1] in (3, 4) and min(array.shape[:2]) > 4:
+        raise DataError(f"a {tuple(array.shape)} array holds colour pixels, not gray levels: pass the file path, "
+                        "or convert it first (PIL: Image.convert('L'))")
+
+
 def _gray_levels(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """An array of gray levels as uint8, refusing what would be silently misread (floats of ink in [0, 1])."""
+    """An array of gray levels [H, W] as uint8, refusing what would be silently misread (floats of ink in [0, 1],
+    colour pixels)."""
     array = image.numpy(force=True) if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3:
+        _refuse_colour(array)
+    if array.ndim != 2:
+        raise DataError(f"an image array is [H, W] of gray levels (or a batch [N, H, W]), not {array.ndim}-D")
     if array.dtype == np.uint8:
         return array
     if array.dtype.kind not in "iu" or array.size and not 0 <= array.min() <= array.max() <= 255:

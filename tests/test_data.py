@@ -37,7 +37,7 @@ from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.augment import random_distortion, sampling_grid
 from siamese_omniglot.data.folders import decode_index, index_paths
 from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
-from siamese_omniglot.errors import DataError
+from siamese_omniglot.errors import ConfigError, DataError
 
 FIRST_BACKGROUND_PNG = "images_background/Alphabet_of_the_Magi/character01/0709_01.png"
 
@@ -398,6 +398,11 @@ def test_find_split_prefers_the_archive(tmp_path):
 
 
 WRONG_COUNTS = "has 8 alphabets / 48 characters / 960 images, expected 30 / 964 / 19280 for images_background"
+
+
+def test_an_unknown_split_name_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown Omniglot split 'train': choose background or evaluation"):
+        load_split("train", data=tmp_path, download=False)  # a KeyError before
 
 
 def test_archive_with_wrong_contents_is_refused(mini_background, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from siamese_omniglot.data import to_ink
-from siamese_omniglot.errors import ExportError
+from siamese_omniglot.errors import ConfigError, ExportError
 from siamese_omniglot.export import EMBEDDING_FILE, SCORER_FILE, OnnxExport, export_onnx
 from siamese_omniglot.models import build_model
 from siamese_omniglot.verify import BUNDLED_CHECKPOINT, Verifier
@@ -95,6 +95,12 @@ def test_a_model_that_resizes_without_framing_exports(real_pixels: torch.Tensor,
     with torch.no_grad():
         expected = model.embed(to_ink(real_pixels)).numpy()
     assert np.abs(embeddings - expected).max() < 1e-4
+
+
+def test_a_bare_network_needs_a_threshold(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no calibrated threshold: pass threshold= or a Verifier"):
+        export_onnx(build_model("fast"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is made
 
 
 def test_a_failed_check_writes_nothing(verifier: Verifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

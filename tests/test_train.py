@@ -264,6 +264,11 @@ def test_width_and_widen_must_be_positive(setting: str) -> None:
         preset("fast", **{setting: 0})
 
 
+def test_a_misspelled_preset_setting_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="TrainConfig has no setting 'epoch', 'lrate'"):
+        preset("fast", lrate=0.1, epoch=3)  # a TypeError before
+
+
 @pytest.mark.parametrize("name", ["fast", "koch"])
 def test_training_steps_feed_the_distorted_batch_to_the_backbone_as_it_is(
     name: str, small: ImageSet, tmp_path: Path

@@ -118,6 +118,27 @@ def test_an_array_that_is_not_gray_levels_is_a_data_error(verifier: Verifier, ar
         verifier.embed(array)
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_colour_array_is_a_data_error_not_a_batch(
+    verifier: Verifier, characters: list[list[Path]], channels: int
+) -> None:
+    colour = np.asarray(Image.open(characters[0][0]).convert("RGBA" if channels == 4 else "RGB"))
+    message = rf"a \(105, 105, {channels}\) array holds colour pixels"
+    for call in (
+        lambda: verifier.embed(colour),  # read as 105 images 105 × 3 pixels wide before
+        lambda: verifier.compare(colour, characters[0][1]),  # a bare ValueError from np.stack before
+        lambda: verifier.classify([colour], characters[0][0].parent.parent, cache=False),
+    ):
+        with pytest.raises(DataError, match=message):
+            call()
+    assert verifier.pixels(colour[..., 0]).shape == (1, 105, 105)  # one channel of it is one image
+
+
+def test_an_array_of_more_than_two_axes_in_a_list_is_a_data_error(verifier: Verifier) -> None:
+    with pytest.raises(DataError, match=r"an image array is \[H, W\] of gray levels .*not 3-D"):
+        verifier.embed([np.zeros((2, 105, 105), np.uint8)])
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

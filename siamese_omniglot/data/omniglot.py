@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..files import atomic_write, make_folders, remove_empty
 from .folders import ImageIndex, decode_index, index_paths
 from .images import CANVAS_PX, ImageSet
@@ -233,7 +233,10 @@ def load_split(
     Alphabets become the groups and characters the classes of the returned ImageSet. Unreadable
     images are all listed in one DataError, or left out with a warning when ``skip_bad_images``.
     """
-    split = SPLITS[split] if isinstance(split, str) else split
+    if isinstance(split, str):
+        if split not in SPLITS:
+            raise ConfigError(f"unknown Omniglot split {split!r}: choose {' or '.join(SPLITS)}")
+        split = SPLITS[split]
     root = data_root(data)
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: is a file; --data must name a folder")

@@ -173,7 +173,7 @@ def train(
     resume: Annotated[
         Path | None,
         typer.Option("--resume", help="Continue the run of this last.pt with its own settings (only --epochs, "
-                     "--max-steps and --log-every may change; --stop-after pauses it again)"),
+                     "--max-steps, --log-every and --skip-bad-images may be given; --stop-after pauses it again)"),
     ] = None,
     nproc_per_node: Annotated[
         int, typer.Option("--nproc-per-node", "--nproc_per_node", min=1,

@@ -3,7 +3,8 @@
 The training images live on the training device as one uint8 tensor at the model's input size
 (in host memory when they do not fit: :mod:`siamese_omniglot.staging`); each step gathers a batch by
 index, distorts it on the device and runs the model. The loss is accumulated on the device and read
-once per log interval, the only host synchronisation.
+once per log interval, the loop's only host synchronisation; float16 mixed precision (cuda, sdaa) adds one
+per step, torch's loss scaler reading whether the gradients overflowed before it steps the optimizer.
 
 Two objectives:
 
@@ -453,7 +454,7 @@ class Trainer:
             self.step += 1
             self.step_in_epoch += 1
             if self.step % config.log_every == 0 or self.step == self.stop_step:
-                # the only host sync of the loop: every rank reaches it at the same step
+                # the loop's only host sync (besides float16's loss scaler): every rank reaches it at the same step
                 mean_loss = float(self.dist.all_reduce_mean(interval_loss)) / interval_steps
                 if not math.isfinite(mean_loss):
                     raise self._diverged(f"the loss became {mean_loss}")
@@ -654,11 +655,14 @@ class Trainer:
             seconds=seconds,
         )
         self.history.append(metrics)
-        improved = val.score > self.best_score
+        # a pause's validation is for its log and last.pt: selecting by it would make best.pt depend on the pauses
+        paused = self.step_in_epoch != 0 and self.step < self.total_steps
+        improved = not paused and val.score > self.best_score
         if improved:
             self.best_score = val.score
         if self.dist.is_main:
-            self._rank_epoch(val.score, metrics.epoch)
+            if not paused:
+                self._rank_epoch(val.score, metrics.epoch)
             state = self._state(val, generators)
             # last.pt first: a crash between the two saves is repaired on resume (see _repair_best)
             for path in [self.out_dir / "last.pt"] + ([self.out_dir / "best.pt"] if improved else []):
@@ -728,7 +732,7 @@ class Trainer:
         # the position in the epoch is kept in items, so a job may resume with another number of processes
         self.step_in_epoch = training["items_in_epoch"] // self.global_batch
         self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
-        self.scheduler.last_epoch = self.step
+        self._resume_schedule()
         generators = training["generators"]
         if len(generators) == self.dist.world_size:
             state_now = generators[self.dist.rank]
@@ -740,16 +744,27 @@ class Trainer:
         log.info("resuming %s at epoch %d, step %d", path, self.epoch, self.step)
         return state
 
+    def _resume_schedule(self) -> None:
+        """Put this run's schedule at its step: the checkpoint's optimizer carries the rate of the run that saved it,
+        which another length (``--epochs``, ``--max-steps``) or another number of processes changes."""
+        config = self.config
+        base = config.lr * self.global_batch / REFERENCE_BATCH
+        factor = warm_cosine(self.step, self.total_steps, config.warmup_fraction, config.min_lr_fraction)
+        self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = base, base * factor
+        self.scheduler.last_epoch = self.step
+
     def _write_resumed(self, state: dict, path: Path) -> None:
         """The run folder of a resumed run: its config, ``last.pt`` and ``best.pt`` where they are missing or
         stale, and its logs rewritten from the checkpoint's history."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not (self.out_dir / "config.json").exists():
-                self._write_config()
+            self._write_config()  # the resumed settings: --epochs, --max-steps and the process count may differ
             if not same_folder(self.out_dir, path.parent):  # the run goes on in a new folder
                 self._carry_over(state, path)
             self._repair_best(state)
+            self._restore_missing_best(state)
             if self.history:
                 self._write_logs()  # drop what a crash left of later epochs
         except OSError as error:
@@ -770,6 +785,26 @@ class Trainer:
             log.warning("%s does not hold the best epoch so far (step %d); writing it from the resumed checkpoint",
                         best, state["training"]["step"])
             save_checkpoint(state, best)
+
+    def _restore_missing_best(self, state: dict) -> None:
+        """Give a run folder without ``best.pt`` (a lone ``last.pt`` resumed elsewhere, a kill while carrying one
+        over) a ``best.pt`` again: the best epoch's weights where the checkpoint keeps them, else the resumed state,
+        which then is the best so far."""
+        best = self.out_dir / "best.pt"
+        if best.exists():
+            return
+        if self.top_epochs:
+            model = self._model_from([self.top_epochs[0]["model"]])
+            self._write_best(dict(state), best, model, self.validate(views=1, model=model), None)
+            log.warning("%s was missing; written from the weights of epoch %d, the best so far, which the checkpoint "
+                        "keeps", best, self.top_epochs[0]["epoch"])
+            return
+        metrics = state.get("metrics", {})
+        self.best_score = selection_score(metrics.get("one_shot"), metrics.get("roc_auc"))
+        state["training"]["best_score"] = list(self.best_score)
+        save_checkpoint(state, best)
+        log.warning("%s was missing and the checkpoint keeps no earlier epoch's weights; it starts from the resumed "
+                    "state (step %d)", best, self.step)
 
     def _carry_over(self, state: dict, source: Path) -> None:
         """Start a new run folder for a run resumed from ``source`` elsewhere: ``last.pt`` from the resumed state,
@@ -797,7 +832,8 @@ class Trainer:
     def _write_config(self) -> None:
         config = {"train": self.config.to_dict(), "model": self.model.config.to_dict()}
         config |= {"device": str(self.device), "amp": self.amp, "steps_per_epoch": self.steps_per_epoch}
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with atomic_write(self.out_dir / "config.json", "w") as file:
+            file.write(json.dumps(config, indent=2) + "\n")
 
     def _write_logs(self) -> None:
         """Rewrite the logs from the history, each file replaced whole: after a crash and a resume they

@@ -24,7 +24,7 @@ import time
 import zipfile
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.omniglot import BACKGROUND, fetch_archive, find_split, load_split
 from siamese_omniglot.errors import ConfigError, DataError
 from siamese_omniglot.models import build_model
-from siamese_omniglot.train import Trainer
+from siamese_omniglot.train import Trainer, warm_cosine
 
 CPU = torch.device("cpu")
 SIAMESE = shutil.which("siamese") or str(Path(sys.executable).parent / "siamese")
@@ -397,6 +397,46 @@ def test_stop_after_and_resume_is_bitwise_equal_to_an_unpaused_run(
                         model_tensors(load_checkpoint(tmp_path / "whole" / "last.pt")))
     assert last.optimizer.param_groups[0]["lr"] == whole.optimizer.param_groups[0]["lr"]
     assert result.history[-1].val_roc_auc == whole.history[-1].val_roc_auc
+    # the pauses' validations chose nothing: best.pt and the averaged epochs are the unpaused run's
+    assert [entry["epoch"] for entry in last.top_epochs] == [entry["epoch"] for entry in whole.top_epochs]
+    assert_same_tensors(model_tensors(load_checkpoint(out / "best.pt")),
+                        model_tensors(load_checkpoint(tmp_path / "whole" / "best.pt")))
+
+
+def test_an_extended_run_takes_its_next_step_at_the_new_schedules_rate(small: ImageSet, tmp_path: Path) -> None:
+    short = preset("fast", max_steps=6, batch_size=8, val_pairs=50, views=1)
+    Trainer(short, small, tmp_path, CPU).fit()  # ended: its optimizer holds the schedule's final, smallest rate
+    longer = replace(short, max_steps=20)
+    trainer = Trainer(longer, small, tmp_path, CPU)
+    rates: list[float] = []
+    trainer.on_start = lambda: rates.append(trainer.optimizer.param_groups[0]["lr"])  # restored, nothing trained
+    trainer.fit(resume=tmp_path / "last.pt", stop_after=7)
+    base = longer.lr * 8 / 64
+    expected = base * warm_cosine(6, 20, longer.warmup_fraction, longer.min_lr_fraction)
+    assert rates == [pytest.approx(expected)]
+    assert rates[0] > 10 * base * warm_cosine(6, 6, short.warmup_fraction, short.min_lr_fraction)  # not the old end
+
+
+@pytest.mark.parametrize("average_best", [1, 2])
+def test_a_lone_last_pt_resumed_elsewhere_gets_a_best_pt(small: ImageSet, tmp_path: Path, average_best: int) -> None:
+    config = preset("fast", epochs=3, batch_size=8, val_pairs=50, views=1, average_best=average_best)
+    Trainer(config, small, tmp_path / "whole", CPU).fit()
+    (tmp_path / "src").mkdir()
+    shutil.copy(tmp_path / "whole" / "last.pt", tmp_path / "src" / "last.pt")  # without the best.pt beside it
+    result = Trainer(config, small, tmp_path / "new", CPU).fit(resume=tmp_path / "src" / "last.pt")
+    best = load_checkpoint(result.best_checkpoint)  # the run failed at its end before: "no such checkpoint"
+    expected = load_checkpoint(tmp_path / ("whole/best.pt" if average_best == 2 else "src/last.pt"))
+    # average_best 2: the checkpoint keeps the best epochs' weights, so the finished run's best.pt comes back;
+    # average_best 1: only the resumed state is left to start from
+    assert_same_tensors(best["model"], expected["model"])
+    assert best["threshold"] == expected["threshold"]
+
+
+def test_a_resumed_run_rewrites_config_json_with_its_settings(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=4, batch_size=8, val_pairs=50, views=1)
+    Trainer(config, small, tmp_path, CPU).fit()
+    Trainer(replace(config, max_steps=6), small, tmp_path, CPU).fit(resume=tmp_path / "last.pt")
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["max_steps"] == 6  # kept 4 before
 
 
 def test_stop_after_a_step_already_taken_is_refused(small: ImageSet, tmp_path: Path) -> None:
@@ -444,16 +484,13 @@ def test_divergence_between_log_intervals_is_caught_before_saving(small: ImageSe
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tiny_tree: Path, tmp_path: Path) -> None:
-    """A run paused after one good epoch, then resumed with its learning rate raised a trillion-fold in the
-    checkpoint: the resumed run fails naming the step, and last.pt is left as it was, byte for byte."""
+    """A run paused after one good epoch, then resumed with its learning rate raised 1e30-fold in the
+    checkpoint's settings: the resumed run fails naming the step, and last.pt is left as it was, byte for byte."""
     out = tmp_path / "run"
     good = run_cli(*TRAIN, "--data", tiny_tree, "--out", out, "--epochs", 3, "--stop-after", 5, cwd=tmp_path)
     assert good.code == 0, good.stderr
     state = load_checkpoint(out / "last.pt")
-    for group in state["training"]["optimizer"]["param_groups"]:
-        group["lr"] *= 1e30
-        group["initial_lr"] *= 1e30
-    state["training"]["scheduler"]["base_lrs"] = [lr * 1e30 for lr in state["training"]["scheduler"]["base_lrs"]]
+    state["train_config"]["lr"] *= 1e30  # a resumed run takes its rate from its settings, at the step reached
     save_checkpoint(state, out / "last.pt")
     before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
     run = run_cli(*TRAIN[:3], "--resume", out / "last.pt", "--data", tiny_tree, cwd=tmp_path)

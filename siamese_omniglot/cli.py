@@ -57,6 +57,10 @@ MirrorOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {devices.DEVICE_SPEC_HELP}")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")]
+SkipBadImagesOption = Annotated[
+    bool, typer.Option("--skip-bad-images", help="Leave out unreadable images (listed in a warning) instead of "
+                       "refusing the data set")
+]
 # what `eval` draws and scores in memory at once: a few GB at these sizes
 MOST_PAIRS = 10_000_000  # --pairs (same and different each)
 MOST_CANDIDATES = 10_000_000  # --trials × --way
@@ -190,10 +194,7 @@ def train(
         bool, typer.Option("--compile", help="Compile the training step with torch.compile (cuda and cpu; slow "
                            "to start, faster per step on GPUs)")
     ] = False,
-    skip_bad_images: Annotated[
-        bool, typer.Option("--skip-bad-images", help="Leave out unreadable images (listed in a warning) instead "
-                           "of refusing the data set")
-    ] = False,
+    skip_bad_images: SkipBadImagesOption = False,
     distributed: Annotated[
         str | None, typer.Option("--distributed", hidden=True, help="Reference spelling: True/False")
     ] = None,
@@ -379,6 +380,7 @@ def evaluate(
     ] = "alphabet",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled trials and pairs")] = 0,
     device: DeviceOption = "auto",
+    skip_bad_images: SkipBadImagesOption = False,
     as_json: JsonOption = False,
     plot: Annotated[
         Path | None,
@@ -406,7 +408,7 @@ def evaluate(
         checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
         with _progress_bar() as update:
-            images = load_evaluation_set(data, mirror, progress=update)
+            images = load_evaluation_set(data, mirror, progress=update, skip_bad_images=skip_bad_images)
         lake = load_lake_runs(runs) if runs is not None else None
         # drawn before the images are embedded: a --way or --shot the data cannot give is refused at once
         pair_list = fixed_pairs(images, pairs, seed, within_group=design.within_group)

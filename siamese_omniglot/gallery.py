@@ -17,11 +17,12 @@ import logging
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .data.folders import visible_files
 from .data.images import IMAGE_SUFFIXES, decode_image
 from .errors import DataError
 from .files import atomic_write
@@ -94,10 +95,7 @@ def scan_support(folder: str | Path) -> list[tuple[str, str]]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder (expected a support folder of <class>/<image> or <class>.png)")
     found: list[tuple[str, str]] = []
-    for path in folder.rglob("*"):
-        relative = PurePosixPath(path.relative_to(folder).as_posix())
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
+    for relative in visible_files(folder):
         if relative.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if len(relative.parts) > 2:

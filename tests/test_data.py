@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import shutil
 import time
@@ -470,6 +471,58 @@ def test_cache_key_changes_when_a_file_changes(mini_evaluation, tmp_path):
     assert int((before.pixels[0] == 0).sum()) > 0
     assert bool((after.pixels[0] == 255).all())
     assert torch.equal(after.pixels[1:], before.pixels[1:])
+
+
+def test_files_replaced_keeping_their_size_and_timestamp_get_a_new_cache(mini_evaluation, tmp_path):
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree")
+    changed = sorted(root.rglob("*.png"))[0]
+    size, stamp = changed.stat().st_size, changed.stat().st_mtime_ns
+    load_folder(root)
+    blank = encode(Image.new("L", (105, 105), 255))
+    changed.write_bytes(blank.ljust(size, b"\0")[:size] if len(blank) <= size else blank)
+    assert changed.stat().st_size == size
+    os.utime(changed, ns=(stamp, stamp))  # as mv, cp -p or unzip leave a file: same size and mtime, other pixels
+    after = load_folder(root)  # the cached pixels of before
+    assert bool((after.pixels[0] == 255).all())
+
+
+def test_symlinked_class_folders_are_read_once(mini_evaluation, tmp_path):
+    real = shutil.copytree(next(p for p in sorted(mini_evaluation.iterdir()) if p.is_dir()), tmp_path / "real")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for folder in sorted(p for p in real.iterdir() if p.is_dir()):
+        (tree / folder.name).symlink_to(folder, target_is_directory=True)  # skipped before: "no images found"
+    (tree / "loop").symlink_to(tree, target_is_directory=True)  # a link back up is not walked again
+    direct, linked = load_folder(real), load_folder(tree)
+    assert [name.split("/")[1] for name in linked.class_names] == [name.split("/")[1] for name in direct.class_names]
+    assert torch.equal(linked.pixels, direct.pixels)
+
+
+def test_a_file_name_that_is_not_utf8_is_a_data_error(mini_evaluation, tmp_path):
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree")
+    folder = next(p for p in sorted(root.glob("*/*")) if p.is_dir())
+    shutil.copy(next(folder.glob("*.png")), os.fsencode(folder) + b"/caf\xe9.png")  # a Latin-1 name
+    with pytest.raises(DataError, match=r"caf\\xe9\.png: the file name is not valid UTF-8; rename it"):
+        load_folder(root)  # a UnicodeEncodeError traceback before
+
+
+def test_a_folder_of_images_without_class_folders_is_refused_not_taken_for_omniglot(mini_evaluation, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(mini_evaluation.glob("*/*/*.png"))[:5]:
+        shutil.copy(path, flat / path.name)
+    with pytest.raises(DataError, match=r"flat: 5 images and no class folders; expected <group>/<class>/<image>"):
+        load_training_set(flat, mirror=str(tmp_path / "no-mirror"))  # a download into it was tried before
+    assert sorted(p.name for p in flat.iterdir() if p.suffix != ".png") == []
+
+
+def test_a_class_tree_read_as_dot_is_named_after_its_folder(mini_evaluation, tmp_path, monkeypatch):
+    alphabet = next(p for p in sorted(mini_evaluation.iterdir()) if p.is_dir())
+    tree = shutil.copytree(alphabet, tmp_path / "mine")
+    monkeypatch.chdir(tree)
+    images = load_folder(".")
+    assert images.group_names == ("mine",)  # "" before, with classes named "/character01"
+    assert images.class_names[0].startswith("mine/")
 
 
 # --- pairs.py --------------------------------------------------------------------------------------

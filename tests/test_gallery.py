@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,23 @@ def test_scan_support_reads_both_layouts_and_skips_the_rest(alphabet: Path, tmp_
     names = sorted(p.name for p in first.glob("*.png"))[:2]
     assert scan_support(tmp_path) == [("alpha", f"alpha/{names[0]}"), ("alpha", f"alpha/{names[1]}"),
                                       ("beta", "beta.png")]
+
+
+def test_scan_support_follows_symlinked_class_folders(alphabet: Path, tmp_path: Path) -> None:
+    first, second = character_folders(alphabet)[:2]
+    (tmp_path / "support").mkdir()
+    shutil.copytree(first, tmp_path / "support" / "real")
+    (tmp_path / "support" / "linked").symlink_to(second, target_is_directory=True)  # left out silently before
+    classes = sorted({name for name, _ in scan_support(tmp_path / "support")})
+    assert classes == ["linked", "real"]
+    assert len(scan_support(tmp_path / "support")) == len(list(first.glob("*.png"))) + len(list(second.glob("*.png")))
+
+
+def test_a_support_file_name_that_is_not_utf8_is_a_data_error(alphabet: Path, tmp_path: Path) -> None:
+    (tmp_path / "support" / "c01").mkdir(parents=True)
+    shutil.copy(next(alphabet.glob("*/*.png")), os.fsencode(tmp_path / "support" / "c01") + b"/caf\xe9.png")
+    with pytest.raises(DataError, match="the file name is not valid UTF-8; rename it"):
+        scan_support(tmp_path / "support")  # a UnicodeEncodeError traceback from load_support before
 
 
 @pytest.mark.parametrize(

@@ -774,6 +774,14 @@ def test_eval_lists_bad_images_and_reads_non_ascii_paths(damaged_tree: Path, wei
                            "cpu", cwd=tmp_path), "no such file or folder (expected Lake's all_runs.zip)")
 
 
+def test_eval_skips_bad_images_when_asked(damaged_tree: Path, weights: Path, tmp_path: Path) -> None:
+    run = run_cli("eval", weights, "--data", damaged_tree, "--skip-bad-images", "--way", 3, "--trials", 10,
+                  "--pairs", 10, "--device", "cpu", "--json", cwd=tmp_path)  # "No such option" before
+    assert run.code == 0, run.stderr
+    assert "skipping 4 unreadable images" in run.stderr
+    assert json.loads(run.stdout)["one_shot"]["trials"] == 10
+
+
 # --- outputs that cannot be written ---------------------------------------------------------------------
 
 

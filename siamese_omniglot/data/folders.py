@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -29,6 +30,36 @@ class ImageIndex:
     group_names: tuple[str, ...]
 
 
+def visible_files(root: Path) -> list[PurePosixPath]:
+    """Every file under ``root`` that no hidden file or folder holds, as paths relative to it, sorted.
+
+    Symlinked folders are followed (each real folder once, so a link loop ends), as symlinked files are.
+
+    Raises:
+        DataError: a name that is not valid UTF-8, which no cache or report could hold.
+    """
+    found: list[PurePosixPath] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        relative = Path(folder).relative_to(root)
+        for name in files:
+            path = relative / name
+            try:
+                str(path).encode()
+            except UnicodeEncodeError:
+                shown = os.fsencode(root / path).decode(errors="backslashreplace")
+                raise DataError(f"{shown}: the file name is not valid UTF-8; rename it") from None
+            if not name.startswith(".") and (root / path).is_file():
+                found.append(PurePosixPath(path.as_posix()))
+    return sorted(found)
+
+
 def index_paths(paths: Sequence[str], source: str) -> ImageIndex:
     """Group relative image paths into classes and groups.
 
@@ -40,6 +71,9 @@ def index_paths(paths: Sequence[str], source: str) -> ImageIndex:
     if not images:
         raise DataError(f"{source}: no images found (expected <group>/<class>/<image> or <class>/<image>)")
     depths = {len(PurePosixPath(p).parts) for p in images}
+    if depths == {1}:
+        raise DataError(f"{source}: {len(images)} images and no class folders; expected <group>/<class>/<image> or "
+                        "<class>/<image>, one folder per class")
     if depths not in ({2}, {3}):
         raise DataError(
             f"{source}: mixed or unexpected folder depths {sorted(depths)}; "
@@ -48,7 +82,7 @@ def index_paths(paths: Sequence[str], source: str) -> ImageIndex:
     classes: dict[tuple[str, str], list[str]] = {}
     for path in images:
         parts = PurePosixPath(path).parts
-        group, name = (parts[0], parts[1]) if len(parts) == 3 else (PurePosixPath(source).name, parts[0])
+        group, name = (parts[0], parts[1]) if len(parts) == 3 else (_tree_name(source), parts[0])
         classes.setdefault((group, name), []).append(path)
     if len(classes) < 2:
         raise DataError(f"{source}: found {len(classes)} class; at least 2 classes are needed")
@@ -71,6 +105,12 @@ def index_paths(paths: Sequence[str], source: str) -> ImageIndex:
         class_groups=tuple(group_ids[g] for g, _ in ordered),
         group_names=group_names,
     )
+
+
+def _tree_name(source: str) -> str:
+    """The name of the one group of a ``<class>/<image>`` tree: its folder's own name, however it was spelt
+    (``.``, ``..``, a trailing slash)."""
+    return Path(source).resolve().name or "images"
 
 
 def decode_index(

@@ -27,8 +27,8 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, make_folders, remove_empty
-from .folders import ImageIndex, decode_index, index_paths
-from .images import CANVAS_PX, ImageSet
+from .folders import ImageIndex, decode_index, index_paths, visible_files
+from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ class _FolderSource:
         self.path = path
 
     def list(self) -> list[str]:
-        files = (p.relative_to(self.path) for p in self.path.rglob("*") if p.is_file())
-        return [f.as_posix() for f in files if not any(part.startswith(".") for part in f.parts)]
+        return [str(path) for path in visible_files(self.path)]
 
     def read(self, relative: str) -> bytes:
         try:
@@ -126,7 +125,10 @@ class _FolderSource:
         digest = hashlib.sha256()
         for relative in sorted(self.list()):
             stat = (self.path / relative).stat()
-            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            # the inode and change time too: a file moved or copied in keeping its size and mtime (mv, cp -p,
+            # unzip, which gives Omniglot's files one 1980 timestamp) changes them
+            key = (relative, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+            digest.update("\0".join(map(str, key)).encode() + b"\n")
         return digest.hexdigest()
 
 
@@ -274,7 +276,9 @@ def looks_like_omniglot(root: Path) -> bool:
     """Whether ``root`` holds (or should receive) Omniglot rather than a custom image tree."""
     if not root.is_dir() or find_split(root, BACKGROUND) or find_split(root, EVALUATION):
         return True
-    return not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    # a folder of images with no class folders is a malformed custom tree, not a place to download Omniglot into
+    visible = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return not any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in visible)
 
 
 def load_training_set(

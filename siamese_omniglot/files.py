@@ -37,6 +37,15 @@ def atomic_write(path: str | Path, mode: str = "wb", suffix: str = ".tmp") -> It
         raise
 
 
+def remove_stale_temporaries(path: Path, suffix: str = ".tmp") -> None:
+    """Remove the temporary files of :func:`atomic_write` to ``path`` that a killed process left behind.
+
+    Call it only where no other process writes ``path`` at the same time (a run resuming in its own folder).
+    """
+    for stale in path.parent.glob(f".{path.name}.*{suffix}"):
+        stale.unlink(missing_ok=True)
+
+
 def make_folders(path: Path) -> list[Path]:
     """Make ``path`` and its missing parents; returns the folders made, innermost first, for :func:`remove_empty`.
 

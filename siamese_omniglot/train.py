@@ -47,7 +47,7 @@ from .data.pairs import Pairs, PairSampler, fixed_pairs, seeded_generator, split
 from .distributed import DistributedContext
 from .errors import CheckpointError, ConfigError, DataError, OutputError, SiameseError, TrainingError
 from .evaluate import PairMetrics, best_threshold, embed_pixels, one_shot_accuracy, pair_logits, pair_metrics
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temporaries
 from .models import CosineClassifier, ModelConfig, SiameseNetwork, build_model
 from .plots import panel_chart
 from .staging import StagedImages
@@ -377,7 +377,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
-        self.generator_state: torch.Tensor | None = None
+        self.generator_state: torch.Tensor | None = None  # the pair and distortion stream of a paused epoch
+        self._epoch_generator: torch.Generator | None = None  # the stream of the epoch under way
         self.best_score = (-math.inf, -math.inf)
         # the `average_best` best epochs so far, best first: {"score", "epoch", "model" (weights on the CPU)}
         self.top_epochs: list[dict] = []
@@ -441,6 +442,7 @@ class Trainer:
         if self.generator_state is not None:  # resuming mid-epoch
             generator.set_state(self.generator_state)
             self.generator_state = None
+        self._epoch_generator = generator
         loss_sum = torch.zeros((), device=self.device)
         interval_loss = torch.zeros((), device=self.device)
         steps_done, interval_steps = 0, 0
@@ -557,8 +559,13 @@ class Trainer:
 
     def save_snapshot(self, path: str | Path) -> Path:
         """Validate now (with the model's views) and save a checkpoint of the current state to ``path`` (outside
-        the best/last pair)."""
-        return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(self.generator_state)), path)
+        the best/last pair), from which a run resumes exactly, also mid-epoch (from ``on_progress``).
+
+        It gathers every process's random streams: in a distributed run every rank must call it at once.
+        """
+        mid_epoch = self.step_in_epoch != 0 and self._epoch_generator is not None
+        stream = self._epoch_generator.get_state() if mid_epoch else None
+        return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(stream)), path)
 
     def _rank_epoch(self, score: tuple[float, float], epoch: int) -> None:
         """Keep this epoch's weights among the ``average_best`` best so far (an earlier epoch wins a tie)."""
@@ -761,6 +768,8 @@ class Trainer:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()  # the resumed settings: --epochs, --max-steps and the process count may differ
+            for name in ("last.pt", "best.pt"):  # what saves cut short by a kill left, a whole checkpoint each
+                remove_stale_temporaries(self.out_dir / name)
             if not same_folder(self.out_dir, path.parent):  # the run goes on in a new folder
                 self._carry_over(state, path)
             self._repair_best(state)

@@ -294,7 +294,7 @@ def test_index_paths_two_levels_form_one_group_named_after_the_source():
     ("paths", "message"),
     [
         (["g/a/1.png", "g/a/2.png", "b/1.png", "b/2.png"], r"tree: mixed or unexpected folder depths \[2, 3\]"),
-        (["1.png", "2.png"], r"tree: mixed or unexpected folder depths \[1\]"),
+        (["1.png", "2.png"], r"tree: 2 images and no class folders; expected <group>/<class>/<image> or"),
         (["g/a/1.png", "g/a/2.png", "g/a/3.png"], r"tree: found 1 class; at least 2 classes are needed"),
         (["g/a/1.png", "g/a/2.png", "g/lonely/1.png"], r"tree: 1 class\(es\) have fewer than 2 images: g/lonely$"),
         (["a/readme.txt", ".hidden/1.png"], r"tree: no images found"),
@@ -547,6 +547,14 @@ def test_split_validation_holds_out_whole_groups(background_images):
     assert len(others | {val.group_names}) > 1
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_split_validation_holds_out_groups_until_two_classes(seed):
+    images = synthetic_set([3] * 11, [0, 1, 2, 3, 4, 5, 6, 7, 7, 8, 8])  # 7 groups of one class, 2 of two
+    train, val = split_validation(images, 0.15, seed=seed)  # refused for seeds 0 and 2 before
+    assert val.num_classes >= 2 and train.num_classes >= 2
+    assert not set(train.group_names) & set(val.group_names)
+
+
 def test_split_validation_single_group_holds_out_classes():
     images = synthetic_set([3] * 10, [0] * 10)
     train, val = split_validation(images, 0.3, seed=0)
@@ -558,7 +566,8 @@ def test_split_validation_single_group_holds_out_classes():
     ("images", "fraction", "message"),
     [
         (synthetic_set([2] * 3, [0] * 3), 0.3, "3 classes are too few"),
-        (synthetic_set([2] * 4, [0, 1, 2, 3]), 0.25, "4 classes are too few"),
+        (synthetic_set([2] * 4, [0, 1, 2, 3]), 0.9, "4 classes are too few to hold out validation classes: training "
+         "needs 2 classes to train on and 2 to validate, and this split leaves 0 and 4"),
         (synthetic_set([2] * 8, [0] * 8), 1.0, "validation fraction must be between 0 and 1, got 1.0"),
     ],
 )

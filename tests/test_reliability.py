@@ -403,6 +403,21 @@ def test_stop_after_and_resume_is_bitwise_equal_to_an_unpaused_run(
                         model_tensors(load_checkpoint(tmp_path / "whole" / "best.pt")))
 
 
+def test_a_snapshot_taken_mid_epoch_resumes_exactly(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", epochs=2, batch_size=8, val_pairs=50, log_every=1, views=1)
+    whole = Trainer(config, small, tmp_path / "whole", CPU)
+    whole.fit()
+    snapshot = tmp_path / "snapshot.pt"
+    paused = Trainer(config, small, tmp_path / "first", CPU)
+    paused.on_progress = lambda progress: paused.step == 3 and paused.save_snapshot(snapshot)
+    paused.fit()
+    assert load_checkpoint(snapshot)["training"]["generators"][0] is not None  # None before: a repeated epoch start
+    resumed = Trainer(config, small, tmp_path / "resumed", CPU)
+    resumed.fit(resume=snapshot)
+    assert_same_tensors(model_tensors(load_checkpoint(tmp_path / "resumed" / "last.pt")),
+                        model_tensors(load_checkpoint(tmp_path / "whole" / "last.pt")))
+
+
 def test_an_extended_run_takes_its_next_step_at_the_new_schedules_rate(small: ImageSet, tmp_path: Path) -> None:
     short = preset("fast", max_steps=6, batch_size=8, val_pairs=50, views=1)
     Trainer(short, small, tmp_path, CPU).fit()  # ended: its optimizer holds the schedule's final, smallest rate
@@ -430,6 +445,18 @@ def test_a_lone_last_pt_resumed_elsewhere_gets_a_best_pt(small: ImageSet, tmp_pa
     # average_best 1: only the resumed state is left to start from
     assert_same_tensors(best["model"], expected["model"])
     assert best["threshold"] == expected["threshold"]
+
+
+def test_a_resumed_run_removes_the_temporary_files_of_killed_saves(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=4, batch_size=8, val_pairs=50, views=1)
+    Trainer(config, small, tmp_path, CPU).fit(stop_after=2)
+    stale = [tmp_path / ".last.pt.k1ll3d.tmp", tmp_path / ".best.pt.x9.tmp"]  # as a SIGKILL before the rename leaves
+    for path in stale:
+        path.write_bytes(b"part of a checkpoint")
+    (tmp_path / ".notes.tmp").write_text("not ours")
+    Trainer(config, small, tmp_path, CPU).fit(resume=tmp_path / "last.pt")
+    assert not any(path.exists() for path in stale)
+    assert (tmp_path / ".notes.tmp").exists()
 
 
 def test_a_resumed_run_rewrites_config_json_with_its_settings(small: ImageSet, tmp_path: Path) -> None:

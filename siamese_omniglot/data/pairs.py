@@ -52,16 +52,21 @@ class Pairs:
 def split_validation(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Split into (train, validation) by holding out a seeded ``fraction`` of groups.
 
-    A set with a single group (``<class>/<image>`` trees) holds out classes instead. Each side keeps at
-    least two classes.
+    Groups are held out in a seeded order until the held-out ones hold two classes at least. A set with fewer
+    than four groups (a ``<class>/<image>`` tree has one) holds out classes instead. Each side keeps at least
+    two classes.
     """
     if not 0 < fraction < 1:
         raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
     generator = seeded_generator(seed, 7)
     num_groups = len(images.group_names)
     if num_groups >= 4:
-        held_groups = torch.randperm(num_groups, generator=generator)[: max(1, round(fraction * num_groups))]
-        held = torch.isin(images.class_groups, held_groups)
+        order = torch.randperm(num_groups, generator=generator)
+        classes_in = torch.bincount(images.class_groups, minlength=num_groups)[order]
+        count = max(1, round(fraction * num_groups))
+        while count < num_groups and int(classes_in[:count].sum()) < 2:  # groups of one class: hold out another
+            count += 1
+        held = torch.isin(images.class_groups, order[:count])
     else:
         order = torch.randperm(images.num_classes, generator=generator)
         held = torch.zeros(images.num_classes, dtype=torch.bool)
@@ -70,8 +75,8 @@ def split_validation(images: ImageSet, fraction: float, seed: int) -> tuple[Imag
     train, val = classes[~held], classes[held]
     if train.numel() < 2 or val.numel() < 2:
         raise DataError(
-            f"{images.num_classes} classes are too few to hold out validation classes: "
-            "training needs at least 4 classes (2 to train on, 2 to validate)"
+            f"{images.num_classes} classes are too few to hold out validation classes: training needs 2 classes to "
+            f"train on and 2 to validate, and this split leaves {train.numel()} and {val.numel()}"
         )
     return images.subset_classes(train), images.subset_classes(val)
 

@@ -55,6 +55,14 @@ def decode_tree(root: Path) -> ImageSet:
     return decode_index(index_paths(paths, str(root)), lambda relative: (root / relative).read_bytes())
 
 
+NO_CACHE = shutil.ignore_patterns(".*")  # a copied tree has other inodes: a cache copied with it would be ignored
+
+
+def first_alphabet(root: Path) -> Path:
+    """The first alphabet folder of a tree (not its hidden cache folder)."""
+    return next(p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith("."))
+
+
 def synthetic_set(class_sizes: list[int], class_groups: list[int]) -> ImageSet:
     """An ImageSet of blank images with the given images per class and group per class."""
     labels = torch.repeat_interleave(torch.arange(len(class_sizes)), torch.tensor(class_sizes))
@@ -449,7 +457,7 @@ def test_data_root_precedence(tmp_path, monkeypatch):
 
 
 def test_load_training_set_on_a_custom_tree(mini_background, tmp_path):
-    root = shutil.copytree(mini_background, tmp_path / "tree")
+    root = shutil.copytree(mini_background, tmp_path / "tree", ignore=NO_CACHE)
     images = load_training_set(root, mirror=str(tmp_path / "no-mirror"))
     assert images.pixels.shape == (960, 105, 105)
     assert images.num_classes == 48 and len(images.group_names) == 8
@@ -462,7 +470,7 @@ def test_load_training_set_on_a_custom_tree(mini_background, tmp_path):
 
 
 def test_cache_key_changes_when_a_file_changes(mini_evaluation, tmp_path):
-    root = shutil.copytree(mini_evaluation, tmp_path / "tree")
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree", ignore=NO_CACHE)
     before = load_folder(root)
     changed = sorted(root.rglob("*.png"))[0]
     changed.write_bytes(encode(Image.new("L", (105, 105), 255)))  # a blank page of another size
@@ -474,7 +482,7 @@ def test_cache_key_changes_when_a_file_changes(mini_evaluation, tmp_path):
 
 
 def test_files_replaced_keeping_their_size_and_timestamp_get_a_new_cache(mini_evaluation, tmp_path):
-    root = shutil.copytree(mini_evaluation, tmp_path / "tree")
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree", ignore=NO_CACHE)
     changed = sorted(root.rglob("*.png"))[0]
     size, stamp = changed.stat().st_size, changed.stat().st_mtime_ns
     load_folder(root)
@@ -487,7 +495,7 @@ def test_files_replaced_keeping_their_size_and_timestamp_get_a_new_cache(mini_ev
 
 
 def test_symlinked_class_folders_are_read_once(mini_evaluation, tmp_path):
-    real = shutil.copytree(next(p for p in sorted(mini_evaluation.iterdir()) if p.is_dir()), tmp_path / "real")
+    real = shutil.copytree(first_alphabet(mini_evaluation), tmp_path / "real")
     tree = tmp_path / "tree"
     tree.mkdir()
     for folder in sorted(p for p in real.iterdir() if p.is_dir()):
@@ -499,7 +507,7 @@ def test_symlinked_class_folders_are_read_once(mini_evaluation, tmp_path):
 
 
 def test_a_file_name_that_is_not_utf8_is_a_data_error(mini_evaluation, tmp_path):
-    root = shutil.copytree(mini_evaluation, tmp_path / "tree")
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree", ignore=NO_CACHE)
     folder = next(p for p in sorted(root.glob("*/*")) if p.is_dir())
     shutil.copy(next(folder.glob("*.png")), os.fsencode(folder) + b"/caf\xe9.png")  # a Latin-1 name
     with pytest.raises(DataError, match=r"caf\\xe9\.png: the file name is not valid UTF-8; rename it"):
@@ -517,7 +525,7 @@ def test_a_folder_of_images_without_class_folders_is_refused_not_taken_for_omnig
 
 
 def test_a_class_tree_read_as_dot_is_named_after_its_folder(mini_evaluation, tmp_path, monkeypatch):
-    alphabet = next(p for p in sorted(mini_evaluation.iterdir()) if p.is_dir())
+    alphabet = first_alphabet(mini_evaluation)
     tree = shutil.copytree(alphabet, tmp_path / "mine")
     monkeypatch.chdir(tree)
     images = load_folder(".")

@@ -124,10 +124,14 @@ def square_on_paper(mode: str, paper, ink) -> Image.Image:
         ("rgb", square_on_paper("RGB", (255, 255, 255), (0, 0, 0))),
         ("rgba transparent paper", square_on_paper("RGBA", (0, 0, 0, 0), (0, 0, 0, 255))),
         ("la transparent paper", square_on_paper("LA", (0, 0), (0, 255))),
+        ("white ink on transparent", square_on_paper("RGBA", (255, 255, 255, 0), (255, 255, 255, 255))),
+        ("la white ink on transparent", square_on_paper("LA", (255, 0), (255, 255))),
+        ("float 0-1", square_on_paper("F", 1.0, 0.0)),
+        ("float 0-255", square_on_paper("F", 255.0, 0.0)),
     ],
 )
 def test_modes_decode_to_white_paper_and_black_ink(name, image):
-    pixels = decode_image(encode(image), name)
+    pixels = decode_image(encode(image, "TIFF" if image.mode == "F" else "PNG"), name)  # blank or all ink before
     assert pixels.shape == (105, 105) and pixels.dtype == np.uint8
     assert pixels[0, 0] == 255 and pixels[60, 60] == 255
     assert pixels[15, 15] == 0

@@ -79,8 +79,9 @@ class ImageSet:
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one image file's bytes into a uint8 ``CANVAS_PX``² grayscale array (255 = paper).
 
-    Any mode is accepted: transparency is composited on white, EXIF rotation is applied, and
-    images of other sizes are fitted onto the canvas keeping their aspect ratio.
+    Any mode is accepted: transparency is composited on white (light strokes on a transparent canvas are read
+    from their opacity), float images in 0–1 are scaled to 0–255, EXIF rotation is applied, and images of other
+    sizes are fitted onto the canvas keeping their aspect ratio.
     """
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -123,10 +124,16 @@ def _to_gray(image: Image.Image) -> Image.Image:
         high = 65535 if image.mode != "I" else max(65535, image.getextrema()[1])
         return image.point(lambda value: value * (255 / high)).convert("L")
     if image.mode == "F":
-        return image.convert("L")
+        # float images mostly hold 0–1 (numpy, scientific tools); others are taken as gray levels 0–255
+        return (image.point(lambda value: value * 255) if image.getextrema()[1] <= 1 else image).convert("L")
     rgba = image.convert("RGBA")
     paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(paper, rgba).convert("L")
+    gray = Image.alpha_composite(paper, rgba).convert("L")
+    alpha_low, alpha_high = rgba.getchannel("A").getextrema()
+    if gray.getextrema()[0] >= 128 and alpha_low < 128 <= alpha_high:
+        # light strokes on a transparent canvas would vanish on white paper: the opaque pixels are the strokes
+        return ImageOps.invert(rgba.getchannel("A"))
+    return gray
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -361,9 +361,10 @@ class Trainer:
         planned = config.epochs * self.steps_per_epoch
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
         self.stop_step = self.total_steps  # fit(stop_after=…) pauses earlier, the schedule unchanged
+        self.base_lr = config.lr * self.global_batch / REFERENCE_BATCH
         self.optimizer = torch.optim.SGD(
             objective.parameters(),
-            lr=config.lr * self.global_batch / REFERENCE_BATCH,
+            lr=self.base_lr,
             momentum=config.momentum,
             nesterov=True,
             weight_decay=config.weight_decay,
@@ -754,12 +755,10 @@ class Trainer:
     def _resume_schedule(self) -> None:
         """Put this run's schedule at its step: the checkpoint's optimizer carries the rate of the run that saved it,
         which another length (``--epochs``, ``--max-steps``) or another number of processes changes."""
-        config = self.config
-        base = config.lr * self.global_batch / REFERENCE_BATCH
-        factor = warm_cosine(self.step, self.total_steps, config.warmup_fraction, config.min_lr_fraction)
-        self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.step)
+        self.scheduler.base_lrs = [self.base_lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
-            group["initial_lr"], group["lr"] = base, base * factor
+            group["initial_lr"], group["lr"] = self.base_lr, self.base_lr * factor
         self.scheduler.last_epoch = self.step
 
     def _write_resumed(self, state: dict, path: Path) -> None:

@@ -80,9 +80,10 @@ def index_paths(paths: Sequence[str], source: str) -> ImageIndex:
             "expected every image at <group>/<class>/<image> or every image at <class>/<image>"
         )
     classes: dict[tuple[str, str], list[str]] = {}
+    tree = _tree_name(source)  # resolved once, not per image
     for path in images:
         parts = PurePosixPath(path).parts
-        group, name = (parts[0], parts[1]) if len(parts) == 3 else (_tree_name(source), parts[0])
+        group, name = (parts[0], parts[1]) if len(parts) == 3 else (tree, parts[0])
         classes.setdefault((group, name), []).append(path)
     if len(classes) < 2:
         raise DataError(f"{source}: found {len(classes)} class; at least 2 classes are needed")

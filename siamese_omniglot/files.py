@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+TEMPORARY_SUFFIX = ".tmp"  # of atomic_write's hidden temporary files, ".<name>.<random><suffix>"
+
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "wb", suffix: str = TEMPORARY_SUFFIX) -> Iterator[IO]:
     """Open a hidden temporary file beside ``path`` for writing; on success it is flushed, fsynced, made
     world-readable and renamed onto ``path``; on any failure it is removed and ``path`` is left as it was.
 
@@ -37,12 +39,12 @@ def atomic_write(path: str | Path, mode: str = "wb", suffix: str = ".tmp") -> It
         raise
 
 
-def remove_stale_temporaries(path: Path, suffix: str = ".tmp") -> None:
+def remove_stale_temporaries(path: Path) -> None:
     """Remove the temporary files of :func:`atomic_write` to ``path`` that a killed process left behind.
 
     Call it only where no other process writes ``path`` at the same time (a run resuming in its own folder).
     """
-    for stale in path.parent.glob(f".{path.name}.*{suffix}"):
+    for stale in path.parent.glob(f".{path.name}.*{TEMPORARY_SUFFIX}"):
         stale.unlink(missing_ok=True)
 
 

@@ -564,8 +564,8 @@ class Trainer:
 
         It gathers every process's random streams: in a distributed run every rank must call it at once.
         """
-        mid_epoch = self.step_in_epoch != 0 and self._epoch_generator is not None
-        stream = self._epoch_generator.get_state() if mid_epoch else None
+        running = self._epoch_generator is not None and self.step_in_epoch != 0
+        stream = self._epoch_generator.get_state() if running else self.generator_state  # else: a paused epoch's
         return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(stream)), path)
 
     def _rank_epoch(self, score: tuple[float, float], epoch: int) -> None:

@@ -418,6 +418,16 @@ def test_a_snapshot_taken_mid_epoch_resumes_exactly(small: ImageSet, tmp_path: P
                         model_tensors(load_checkpoint(tmp_path / "whole" / "last.pt")))
 
 
+def test_a_snapshot_of_a_restored_pause_keeps_its_stream(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", epochs=2, batch_size=8, val_pairs=50, views=1)
+    Trainer(config, small, tmp_path, CPU).fit(stop_after=3)  # mid-epoch: last.pt holds the epoch's stream
+    paused = load_checkpoint(tmp_path / "last.pt")["training"]["generators"][0]
+    restored = Trainer(config, small, tmp_path, CPU)
+    restored.on_start = lambda: restored.save_snapshot(tmp_path / "snapshot.pt")  # restored, nothing trained yet
+    restored.fit(resume=tmp_path / "last.pt", stop_after=4)
+    assert torch.equal(load_checkpoint(tmp_path / "snapshot.pt")["training"]["generators"][0], paused)
+
+
 def test_an_extended_run_takes_its_next_step_at_the_new_schedules_rate(small: ImageSet, tmp_path: Path) -> None:
     short = preset("fast", max_steps=6, batch_size=8, val_pairs=50, views=1)
     Trainer(short, small, tmp_path, CPU).fit()  # ended: its optimizer holds the schedule's final, smallest rate

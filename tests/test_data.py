@@ -498,6 +498,28 @@ def test_files_replaced_keeping_their_size_and_timestamp_get_a_new_cache(mini_ev
     assert bool((after.pixels[0] == 255).all())
 
 
+def test_a_tree_is_walked_once_per_load_so_its_cache_holds_what_its_key_names(mini_evaluation, tmp_path, monkeypatch):
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree", ignore=NO_CACHE)
+    first = sorted(root.rglob("*.png"))[0]
+    added = first.with_name("added.png")
+    walk, walks = omniglot_module.visible_files, []
+
+    def walk_then_add(folder):
+        walks.append(folder)
+        files = walk(folder)
+        shutil.copy(first, added)  # a file that arrives while the tree is being loaded
+        return files
+
+    monkeypatch.setattr(omniglot_module, "visible_files", walk_then_add)
+    during = load_folder(root)
+    monkeypatch.undo()
+    added.unlink()
+    after = load_folder(root)  # its key is the first load's: two walks cached the added file under it
+    assert len(during) == len(after) == len(list(root.rglob("*.png")))
+    assert torch.equal(after.pixels, during.pixels)
+    assert len(walks) == 1
+
+
 def test_symlinked_class_folders_are_read_once(mini_evaluation, tmp_path):
     real = shutil.copytree(first_alphabet(mini_evaluation), tmp_path / "real")
     tree = tmp_path / "tree"

@@ -111,9 +111,13 @@ class _ZipSource:
 class _FolderSource:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._files: list[str] | None = None
 
     def list(self) -> list[str]:
-        return [str(path) for path in visible_files(self.path)]
+        # walked once: the cache key and the index then name the same files, even if the tree changes meanwhile
+        if self._files is None:
+            self._files = [str(path) for path in visible_files(self.path)]
+        return self._files
 
     def read(self, relative: str) -> bytes:
         try:

@@ -206,7 +206,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a Siamese network on Omniglot's background alphabets (or a custom tree)."""
-    from .distributed import init_distributed, launch, shutdown
+    from .distributed import device_kind_for_ranks, init_distributed, launch, shutdown
     from .train import Trainer, check_run_dir, default_out_dir, resume_config
 
     _setup_logging()
@@ -230,7 +230,7 @@ def train(
             config = resume_config(resume, epochs=epochs, max_steps=max_steps, log_every=log_every)
             run_dir = out_dir or resume.parent
         if processes > 1 and "WORLD_SIZE" not in os.environ:
-            devices.resolve_device(device)
+            device_kind_for_ranks(device)
             check_run_dir(run_dir, resume)
             with _progress_bar() as update:  # fetch and decode once, before the workers
                 load_training_set(data, mirror, progress=update, skip_bad_images=skip_bad_images)

@@ -87,6 +87,22 @@ class DistributedContext:
         return values
 
 
+def device_kind_for_ranks(device_spec: str) -> str:
+    """The device kind that several ranks share (``cpu``, ``cuda``, ``sdaa``): each takes its ``LOCAL_RANK``.
+
+    Raises:
+        DeviceError: a spec that names one device (``cuda:1``), which the ranks cannot all use, or one that
+            :func:`devices.resolve_device` refuses.
+    """
+    kind = devices.resolve_device(device_spec).type
+    if ":" in device_spec and kind != "cpu":
+        raise DeviceError(
+            f"--device {device_spec.strip()} names one device, and each process takes its own: use --device "
+            f"{kind} and choose the devices with {kind.upper()}_VISIBLE_DEVICES"
+        )
+    return kind
+
+
 def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, torch.device]:
     """Join the process group described by the launcher's environment, or run alone.
 
@@ -97,7 +113,7 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, tor
     if world_size <= 1:
         return DistributedContext(), devices.resolve_device(device_spec)
     context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    kind = devices.resolve_device(device_spec).type
+    kind = device_kind_for_ranks(device_spec)
     if kind == "cpu":
         device = torch.device("cpu")
     else:

@@ -135,6 +135,25 @@ def test_sdaa_rank_uses_tccl_and_its_local_device(monkeypatch):
         distributed.init_distributed("sdaa")
 
 
+def test_several_ranks_refuse_a_device_index_they_cannot_all_use(monkeypatch):
+    fake = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 2, set_device=lambda i: None)
+    monkeypatch.setitem(sys.modules, "torch_sdaa", types.ModuleType("torch_sdaa"))
+    monkeypatch.setattr(torch, "sdaa", fake, raising=False)
+    if torch._C._get_privateuse1_backend_name() != "sdaa":
+        torch.utils.rename_privateuse1_backend("sdaa")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    message = "--device sdaa:1 names one device, and each process takes its own: use --device sdaa and choose the " \
+              "devices with SDAA_VISIBLE_DEVICES"
+    with pytest.raises(DeviceError, match=re.escape(message)):
+        distributed.init_distributed("sdaa:1")  # rank 0 ran on sdaa:0 before, without a word
+    assert distributed.init_distributed("cpu:0")[1] == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_distributed("sdaa:1")[1] == torch.device("sdaa", 1)
+
+
 def test_dllogger_records_use_explicit_units(monkeypatch, tmp_path):
     logged, metadata = [], {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import runpy
@@ -82,3 +83,13 @@ def test_every_test_the_guarantees_name_exists() -> None:
     missing = [f"{path}::{name}" for path, name in named
                if not re.search(rf"^def {name}\(", (REPO / path).read_text(), re.MULTILINE)]
     assert missing == []
+
+
+def test_the_device_helpers_table_lists_exactly_the_public_functions_of_devices() -> None:
+    from siamese_omniglot import devices
+
+    table = re.search(r"## The helpers\n(.*?)\n\n", (DOCS / "devices.md").read_text(), re.DOTALL).group(1)
+    listed = set(re.findall(r"^\| `(\w+)\(", table, re.MULTILINE))
+    public = {name for name, value in vars(devices).items()
+              if inspect.isfunction(value) and value.__module__ == devices.__name__ and not name.startswith("_")}
+    assert listed == public

@@ -742,15 +742,27 @@ class Trainer:
         self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
         self._resume_schedule()
         generators = training["generators"]
-        if len(generators) == self.dist.world_size:
-            state_now = generators[self.dist.rank]
-            self.generator_state = state_now.cpu() if state_now is not None else None
-        else:
+        if len(generators) != self.dist.world_size:
             log.warning("resuming %d processes from %d: new pair streams from here on", self.dist.world_size,
                         len(generators))
+        elif generators[self.dist.rank] is not None:
+            state_now = generators[self.dist.rank].cpu()
+            if self._fits_generator(state_now):
+                self.generator_state = state_now
+            else:  # a CPU generator's state is 5,056 bytes, a CUDA one's 16
+                log.warning("resuming on %s a run paused on another kind of device: new pair streams from here on",
+                            self.device.type)
         self.history = [EpochMetrics(**m) for m in training["history"]]
         log.info("resuming %s at epoch %d, step %d", path, self.epoch, self.step)
         return state
+
+    def _fits_generator(self, state: torch.Tensor) -> bool:
+        """Whether ``state`` is the state of a pair generator on this run's device."""
+        try:
+            seeded_generator(0, device=self.device).set_state(state)
+        except RuntimeError:
+            return False
+        return True
 
     def _resume_schedule(self) -> None:
         """Put this run's schedule at its step: the checkpoint's optimizer carries the rate of the run that saved it,

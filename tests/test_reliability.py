@@ -428,6 +428,20 @@ def test_a_snapshot_of_a_restored_pause_keeps_its_stream(small: ImageSet, tmp_pa
     assert torch.equal(load_checkpoint(tmp_path / "snapshot.pt")["training"]["generators"][0], paused)
 
 
+def test_a_pause_resumed_on_another_kind_of_device_draws_new_pair_streams(
+    small: ImageSet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = preset("fast", max_steps=6, batch_size=8, val_pairs=50, views=1)
+    Trainer(config, small, tmp_path, CPU).fit(stop_after=3)
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["training"]["generators"] = [torch.zeros(16, dtype=torch.uint8)]  # a CUDA generator's (seed, offset)
+    save_checkpoint(state, tmp_path / "last.pt")
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(config, small, tmp_path, CPU).fit(resume=tmp_path / "last.pt")  # a RuntimeError before
+    assert result.history[-1].step == 6
+    assert "resuming on cpu a run paused on another kind of device: new pair streams from here on" in caplog.text
+
+
 def test_an_extended_run_takes_its_next_step_at_the_new_schedules_rate(small: ImageSet, tmp_path: Path) -> None:
     short = preset("fast", max_steps=6, batch_size=8, val_pairs=50, views=1)
     Trainer(short, small, tmp_path, CPU).fit()  # ended: its optimizer holds the schedule's final, smallest rate

@@ -562,11 +562,17 @@ class Trainer:
         """Validate now (with the model's views) and save a checkpoint of the current state to ``path`` (outside
         the best/last pair), from which a run resumes exactly, also mid-epoch (from ``on_progress``).
 
-        It gathers every process's random streams: in a distributed run every rank must call it at once.
+        It gathers every process's random streams, so in a distributed run every rank must call it at the same
+        step, which ``on_progress`` (rank 0 only) cannot do; rank 0 validates and writes the file.
         """
         running = self._epoch_generator is not None and self.step_in_epoch != 0
         stream = self._epoch_generator.get_state() if running else self.generator_state  # else: a paused epoch's
-        return save_checkpoint(self._state(self.validate(), self.dist.gather_objects(stream)), path)
+        streams = self.dist.gather_objects(stream)  # collective: every rank takes part
+        if self.dist.is_main:
+            save_checkpoint(self._state(self.validate(), streams), path)
+        # rank 0 calibrated the head: every rank goes on with the same one
+        self.dist.broadcast([*self.model.head.parameters(), *self.model.buffers()])
+        return Path(path)
 
     def _rank_epoch(self, score: tuple[float, float], epoch: int) -> None:
         """Keep this epoch's weights among the ``average_best`` best so far (an earlier epoch wins a tie)."""

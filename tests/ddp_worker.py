@@ -1,8 +1,9 @@
 """A worker for ``torch.distributed.run`` in the distributed tests.
 
 ``ddp_worker.py train …`` runs the real ``siamese train`` command line; ``ddp_worker.py api CONFIG_JSON DATA OUT``
-runs the Trainer directly. Either way, each rank then writes what the tests compare to
-``$SIAMESE_TEST_DUMP/rank<R>.pt``: its final parameters and how many checkpoints it saved.
+runs the Trainer directly, and ``… OUT SNAPSHOT`` pauses it after 3 steps and saves a snapshot there. Either way,
+each rank then writes what the tests compare to ``$SIAMESE_TEST_DUMP/rank<R>.pt``: its final parameters and how many
+checkpoints it saved.
 """
 
 from __future__ import annotations
@@ -51,7 +52,13 @@ if __name__ == "__main__":
         config = so.TrainConfig(**json.loads(sys.argv[2]))
         context, device = init_distributed("cpu")
         images = so.load_training_set(sys.argv[3])
-        so.Trainer(config, images, sys.argv[4], device, dist=context).fit()
+        trainer = so.Trainer(config, images, sys.argv[4], device, dist=context)
+        if len(sys.argv) > 5:
+            trainer.fit(stop_after=3)
+            trainer.save_snapshot(sys.argv[5])
+            _dump(trainer)
+        else:
+            trainer.fit()
         shutdown(context)
     else:
         sys.argv = ["siamese", *sys.argv[1:]]

@@ -76,6 +76,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(mini_background, tmp
         torch.testing.assert_close(value, one[key].detach(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_distributed_snapshot_gathers_every_rank_s_stream_and_only_rank0_writes_it(mini_background, tmp_path):
+    config = {"max_steps": 6, "val_pairs": 50, "log_every": 3, "batch_size": 8, "views": 1}
+    snapshot = tmp_path / "snapshot.pt"
+    torchrun(["api", json.dumps(config), str(mini_background), str(tmp_path / "run"), str(snapshot)], tmp_path / "dump")
+    saves = [torch.load(tmp_path / "dump" / f"rank{rank}.pt", weights_only=True)["saves"] for rank in (0, 1)]
+    assert saves[1] == 0 and saves[0] > 0  # rank 1 validated and wrote the same file before
+    training = so.load_checkpoint(snapshot)["training"]
+    assert training["step"] == 3 and training["world_size"] == 2
+    assert len(training["generators"]) == 2 and not torch.equal(*training["generators"])
+
+
 def test_nproc_per_node_launches_through_torch_distributed_run(mini_background, tmp_path):
     out = tmp_path / "run"
     command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(out), "--nproc-per-node", "2",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -136,10 +137,29 @@ def shutdown(context: DistributedContext) -> None:
 
 def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
     """Start ``nproc_per_node`` workers of ``python -m siamese_omniglot <module_args>`` on this node through
-    ``torch.distributed.run``; returns the launcher's exit code."""
+    ``torch.distributed.run``; returns the launcher's exit code.
+
+    SIGINT and SIGTERM are passed on to the launcher, which stops its workers, and raise KeyboardInterrupt once it
+    has: a job stopped through this process does not leave its workers training on.
+    """
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
         "-m", "siamese_omniglot", *module_args,
     ]  # fmt: skip
     log.info("launching: %s", " ".join(command))
-    return subprocess.call(command)
+    launcher = subprocess.Popen(command)
+    received: list[int] = []
+
+    def pass_on(signum: int, _frame: object) -> None:
+        received.append(signum)
+        launcher.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = launcher.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
+    return code

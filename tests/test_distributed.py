@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -100,6 +102,37 @@ def test_nproc_per_node_launches_through_torch_distributed_run(mini_background, 
     ]
     state = so.load_checkpoint(out / "last.pt")
     assert state["training"]["world_size"] == 2 and state["training"]["step"] == 10
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_path, signum):
+    out = tmp_path / "run"
+    command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(out), "--nproc-per-node", "2",
+               "--epochs", "50", *SMALL]
+    with (tmp_path / "stderr").open("w") as stderr:
+        # a session of its own: the signal reaches the command alone, as `kill`, a scheduler or `docker stop` send it
+        parent = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not re.search(r"^step \d+/", (tmp_path / "stderr").read_text(), re.M) and time.monotonic() < deadline:
+            assert parent.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.5)
+        parent.send_signal(signum)
+        code = parent.wait(timeout=120)
+    assert code == 130 and "interrupted; checkpoints already written are intact" in (tmp_path / "stderr").read_text()
+    # the launcher and its workers have stopped too: they trained on, orphaned, before
+    assert running_with(str(out)) == []
+
+
+def running_with(text: str) -> list[int]:
+    """Processes whose command line holds ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # it ended meanwhile
+            continue
+    return found
 
 
 @pytest.mark.parametrize("extra", [["--distributed", "False"], ["--nproc_per_node", "2", "--distributed", "True"]],

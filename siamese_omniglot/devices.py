@@ -19,16 +19,18 @@ from .errors import DeviceError
 log = logging.getLogger(__name__)
 DEVICE_SPEC_HELP = "auto, cpu, cuda, cuda:N, sdaa or sdaa:N"
 _SPEC = re.compile(r"^(auto|cpu|cuda|sdaa)(?::(\d+))?$")
+_IMPORT_ERRORS_TOLD: set[str] = set()  # torch_sdaa's import errors already warned of, once per process
 
 
 def sdaa_module() -> ModuleType | None:
     """Return ``torch.sdaa`` after importing ``torch_sdaa``, or None where it is not installed."""
     try:
         importlib.import_module("torch_sdaa")
-    except ImportError:
-        return None
-    except Exception as error:  # a broken vendor install (driver missing, ABI mismatch) must not stop cpu/cuda
-        log.warning("torch_sdaa is installed but failed to import (%s); sdaa devices are unavailable", error)
+    except Exception as error:  # a broken vendor install (a library missing, an ABI mismatch) must not stop cpu/cuda
+        broken = not (isinstance(error, ModuleNotFoundError) and error.name == "torch_sdaa")  # else: not installed
+        if broken and str(error) not in _IMPORT_ERRORS_TOLD:  # each check of the devices tries the import again
+            _IMPORT_ERRORS_TOLD.add(str(error))
+            log.warning("torch_sdaa is installed but failed to import (%s); sdaa devices are unavailable", error)
         return None
     return getattr(torch, "sdaa", None)
 

@@ -162,6 +162,19 @@ def test_sdaa_not_installed(no_sdaa):
         devices.resolve_device("sdaa:0")
 
 
+@pytest.mark.parametrize("failure", ["ImportError('libsdaart.so.1: cannot open shared object file')",
+                                     "ModuleNotFoundError('No module named torch_sdaa_ext', name='torch_sdaa_ext')",
+                                     "OSError('driver version mismatch')"])
+def test_a_broken_sdaa_install_is_told_once_not_taken_for_no_install(monkeypatch, tmp_path, caplog, failure):
+    (tmp_path / "torch_sdaa.py").write_text(f"raise {failure}\n")  # how a vendor extension fails to load
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torch_sdaa", raising=False)
+    monkeypatch.setattr(devices, "_IMPORT_ERRORS_TOLD", set())
+    with caplog.at_level("WARNING"):
+        assert devices.sdaa_module() is None and not devices.is_available("sdaa")
+    assert caplog.text.count("torch_sdaa is installed but failed to import") == 1  # ImportError: silent before
+
+
 def test_sdaa_amp_uses_the_vendor_module(sdaa):
     device = torch.device("sdaa", 1)
     assert devices.amp_default(device) is True

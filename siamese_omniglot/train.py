@@ -439,7 +439,10 @@ class Trainer:
         # drawn on the device: no host round trip per step; the permutation is shared by all ranks
         shared = seeded_generator(config.seed, self.epoch, device=self.device)
         order = torch.randperm(len(self.train_set), generator=shared, device=shared.device).to(self.device)
-        generator = seeded_generator(config.seed, self.epoch, self.dist.rank, device=self.device)
+        keys = (config.seed, self.epoch, self.dist.rank)
+        if self.step_in_epoch != 0 and self.generator_state is None:
+            keys += (self.step_in_epoch,)  # resumed mid-epoch without this rank's stream: not the epoch's first draws
+        generator = seeded_generator(*keys, device=self.device)
         if self.generator_state is not None:  # resuming mid-epoch
             generator.set_state(self.generator_state)
             self.generator_state = None

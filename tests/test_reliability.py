@@ -32,11 +32,13 @@ import pytest
 import torch
 from PIL import Image
 
+from siamese_omniglot import train as train_module
 from siamese_omniglot.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from siamese_omniglot.config import preset
 from siamese_omniglot.data import ImageSet, decode_image, load_folder, read_image
 from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.omniglot import BACKGROUND, fetch_archive, find_split, load_split
+from siamese_omniglot.data.pairs import seeded_generator
 from siamese_omniglot.errors import ConfigError, DataError
 from siamese_omniglot.models import build_model
 from siamese_omniglot.train import Trainer, warm_cosine
@@ -429,17 +431,22 @@ def test_a_snapshot_of_a_restored_pause_keeps_its_stream(small: ImageSet, tmp_pa
 
 
 def test_a_pause_resumed_on_another_kind_of_device_draws_new_pair_streams(
-    small: ImageSet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    small: ImageSet, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = preset("fast", max_steps=6, batch_size=8, val_pairs=50, views=1)
     Trainer(config, small, tmp_path, CPU).fit(stop_after=3)
     state = load_checkpoint(tmp_path / "last.pt")
     state["training"]["generators"] = [torch.zeros(16, dtype=torch.uint8)]  # a CUDA generator's (seed, offset)
     save_checkpoint(state, tmp_path / "last.pt")
+    seeded: list[tuple[int, ...]] = []
+    monkeypatch.setattr(train_module, "seeded_generator", lambda *keys, device: seeded.append(keys) or
+                        seeded_generator(*keys, device=device))
     with caplog.at_level(logging.WARNING):
         result = Trainer(config, small, tmp_path, CPU).fit(resume=tmp_path / "last.pt")  # a RuntimeError before
     assert result.history[-1].step == 6
     assert "resuming on cpu a run paused on another kind of device: new pair streams from here on" in caplog.text
+    # new indeed: not the paused epoch's first draws again, which its first three steps had used
+    assert (config.seed, 0, 0) not in seeded and (config.seed, 0, 0, 3) in seeded
 
 
 def test_an_extended_run_takes_its_next_step_at_the_new_schedules_rate(small: ImageSet, tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 The images are turned into ink and resized (or framed, as the model frames them) once, to the size the trainer
 distorts them at, and kept as uint8. On the
 device, a batch is one indexing operation and costs no host synchronisation. A data set too large for
-the device (more than half of its free memory) stays in pinned host memory instead: each step then
-copies its batch to the device, which costs one host synchronisation per step, the price of not fitting.
+the device (more than half of its free memory) stays in host memory instead: each step then gathers its batch
+there and copies it to the device, which costs one host synchronisation per step, the price of not fitting. The
+set is not pinned: a gathered batch is a new tensor, so pinning the set would only hold host memory.
 """
 
 from __future__ import annotations
@@ -76,8 +77,6 @@ class StagedImages:
         self.placement = choose_placement(len(pixels), input_px, device, placement)
         home = device if self.placement == "device" else torch.device("cpu")
         self.ink = _stage_ink(pixels, input_px, home, to_input)
-        if self.placement == "host" and device.type != "cpu":
-            self.ink = self.ink.pin_memory()
 
     def __len__(self) -> int:
         return len(self.ink)
@@ -86,7 +85,7 @@ class StagedImages:
         """The images ``index`` (on any device) as uint8 on the training device."""
         if self.placement == "device":
             return self.ink[index.to(self.ink.device)]
-        return self.ink[index.cpu()].to(self.device, non_blocking=True)
+        return self.ink[index.cpu()].to(self.device)
 
 
 def _stage_ink(

@@ -77,6 +77,9 @@ def _errors_as_exit() -> Iterator[None]:
     try:
         yield
     except SiameseError as error:
+        from .distributed import defer_to_rank0
+
+        defer_to_rank0()  # a training job's ranks tell an error they all met once
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -240,6 +243,8 @@ def train(
                                 skip_bad_images=skip_bad_images or None, staging=staging,
                                 compile=compile_step or None)
             code = launch(processes, ["train", *args])
+            if code == 2:  # the workers' error, told by them
+                raise typer.Exit(2)
             if code != 0:
                 raise TrainingError(f"the training processes failed (exit code {code}); see their messages above")
             return

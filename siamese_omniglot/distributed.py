@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -129,6 +130,16 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, tor
     return context, device
 
 
+def defer_to_rank0(grace_s: float = 5.0) -> None:
+    """Before a worker other than rank 0 tells an error: wait ``grace_s`` for the launcher to stop it.
+
+    An error that every rank meets alike (a setting, the data, the loss) is told by rank 0, whose exit makes the
+    launcher stop the others meanwhile; an error of this rank alone is still told, after the wait.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(grace_s)
+
+
 def shutdown(context: DistributedContext) -> None:
     """Leave the process group."""
     if context.enabled and dist.is_initialized():
@@ -137,17 +148,19 @@ def shutdown(context: DistributedContext) -> None:
 
 def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
     """Start ``nproc_per_node`` workers of ``python -m siamese_omniglot <module_args>`` on this node through
-    ``torch.distributed.run``; returns the launcher's exit code.
+    ``torch.distributed.run`` (by :mod:`siamese_omniglot.launcher`); returns the first failed worker's exit code, or 0.
 
     SIGINT and SIGTERM are passed on to the launcher, which stops its workers, and raise KeyboardInterrupt once it
     has: a job stopped through this process does not leave its workers training on.
     """
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+        sys.executable, "-m", "siamese_omniglot.launcher", "--standalone", f"--nproc-per-node={nproc_per_node}",
         "-m", "siamese_omniglot", *module_args,
     ]  # fmt: skip
     log.info("launching: %s", " ".join(command))
-    launcher = subprocess.Popen(command)
+    # the launcher's own default is one thread per worker, announced in a banner; share the cores out instead
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc_per_node))}
+    launcher = subprocess.Popen(command, env=threads | os.environ)
     received: list[int] = []
 
     def pass_on(signum: int, _frame: object) -> None:

@@ -104,6 +104,18 @@ def test_nproc_per_node_launches_through_torch_distributed_run(mini_background, 
     assert state["training"]["world_size"] == 2 and state["training"]["step"] == 10
 
 
+def test_an_error_every_worker_meets_is_told_once_with_exit_code_2(mini_background, tmp_path):
+    command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(tmp_path / "run"),
+               "--nproc-per-node", "2", "--max-steps", "10", *SMALL[:2], "--batch-size", "100000"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    # each rank told it before, then the launcher's 35-line traceback, and the job's exit code was 1
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "starting 2 processes through torch.distributed.run"
+    told = r"error: batch size 100000 × 2 processes exceeds the \d+ training images: an epoch must hold one batch"
+    assert len(lines) == 2 and re.fullmatch(told + " at least; lower --batch-size", lines[1])
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_path, signum):
     out = tmp_path / "run"

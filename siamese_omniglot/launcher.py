@@ -1,0 +1,32 @@
+"""``python -m siamese_omniglot.launcher ARGS``: ``torch.distributed.run ARGS``, ending as its workers ended.
+
+When a worker fails, torch's launcher prints a traceback of its own (``ChildFailedError``, some 35 lines, under the
+worker's message) and exits with code 1; stopped by a signal, another traceback. Here the job ends quietly with the
+first failed worker's exit code, 2 for an error the worker has already told, or ``128 + N`` for signal N.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as run_launcher
+
+
+def main(argv: list[str]) -> int:
+    """Run the launcher with ``argv``; returns the job's exit code."""
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its lines repeat the exit codes
+    try:
+        run_launcher(argv)
+    except ChildFailedError as failed:
+        _rank, failure = failed.get_first_failure()
+        return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+    except SignalException as stopped:
+        return 128 + int(stopped.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

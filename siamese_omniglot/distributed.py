@@ -130,13 +130,18 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, tor
     return context, device
 
 
+def is_secondary_rank() -> bool:
+    """Whether this process is a rank other than 0 of a multi-process job (by the launcher's environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+
+
 def defer_to_rank0(grace_s: float = 5.0) -> None:
     """Before a worker other than rank 0 tells an error: wait ``grace_s`` for the launcher to stop it.
 
     An error that every rank meets alike (a setting, the data, the loss) is told by rank 0, whose exit makes the
     launcher stop the others meanwhile; an error of this rank alone is still told, after the wait.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+    if is_secondary_rank():
         time.sleep(grace_s)
 
 
@@ -150,8 +155,10 @@ def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
     """Start ``nproc_per_node`` workers of ``python -m siamese_omniglot <module_args>`` on this node through
     ``torch.distributed.run`` (by :mod:`siamese_omniglot.launcher`); returns the first failed worker's exit code, or 0.
 
-    SIGINT and SIGTERM are passed on to the launcher, which stops its workers, and raise KeyboardInterrupt once it
-    has: a job stopped through this process does not leave its workers training on.
+    SIGINT and SIGTERM stop the launcher, which stops its workers, and raise KeyboardInterrupt once it has: a job
+    stopped through this process does not leave its workers training on. The launcher has a session of its own, so
+    a terminal's Ctrl-C reaches it only this way, as a SIGTERM that ends the workers without a word (their
+    checkpoints are whole: each is written to a temporary file and renamed).
     """
     command = [
         sys.executable, "-m", "siamese_omniglot.launcher", "--standalone", f"--nproc-per-node={nproc_per_node}",
@@ -160,12 +167,12 @@ def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
     log.info("launching: %s", " ".join(command))
     # the launcher's own default is one thread per worker, announced in a banner; share the cores out instead
     threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc_per_node))}
-    launcher = subprocess.Popen(command, env=threads | os.environ)
+    launcher = subprocess.Popen(command, env=threads | os.environ, start_new_session=True)
     received: list[int] = []
 
     def pass_on(signum: int, _frame: object) -> None:
         received.append(signum)
-        launcher.send_signal(signum)
+        launcher.send_signal(signal.SIGTERM)
 
     previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

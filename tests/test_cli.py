@@ -191,3 +191,21 @@ def test_error_line_prints_paths_verbatim(image_pair: tuple[Path, Path], tmp_pat
     result = siamese("compare", *image_pair, "--checkpoint", missing, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {missing}: no such checkpoint"
+
+
+@pytest.mark.parametrize(("command", "told"), [("compare", "interrupted"),
+                                               ("train", "interrupted; checkpoints already written are intact")])
+def test_ctrl_c_is_one_line_about_what_the_command_writes(command: str, told: str, monkeypatch, capsys) -> None:
+    import typer
+
+    from siamese_omniglot import cli, verify
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C arrives during the work
+
+    monkeypatch.setattr(verify.Verifier, "from_checkpoint", interrupted)  # compare's first step
+    monkeypatch.setattr(cli, "check_placement", interrupted)  # one of train's first steps
+    with pytest.raises(typer.Exit) as stopped:
+        getattr(cli, command)(**({"first": Path("a.png"), "second": Path("b.png")} if command == "compare" else {}))
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.strip() == told  # compare said checkpoints were intact, as if it wrote any

@@ -116,21 +116,27 @@ def test_an_error_every_worker_meets_is_told_once_with_exit_code_2(mini_backgrou
     assert len(lines) == 2 and re.fullmatch(told + " at least; lower --batch-size", lines[1])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_path, signum):
+@pytest.mark.parametrize(("signum", "to_group"),
+                         [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT", "Ctrl-C"])
+def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_path, signum, to_group):
     out = tmp_path / "run"
     command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(out), "--nproc-per-node", "2",
                "--epochs", "50", *SMALL]
     with (tmp_path / "stderr").open("w") as stderr:
-        # a session of its own: the signal reaches the command alone, as `kill`, a scheduler or `docker stop` send it
+        # a session of its own: the signal reaches the command alone, as `kill`, a scheduler or `docker stop` send it,
+        # or its whole process group, as a terminal's Ctrl-C does
         parent = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         deadline = time.monotonic() + 300
         while not re.search(r"^step \d+/", (tmp_path / "stderr").read_text(), re.M) and time.monotonic() < deadline:
             assert parent.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
             time.sleep(0.5)
-        parent.send_signal(signum)
+        os.killpg(parent.pid, signum) if to_group else parent.send_signal(signum)
         code = parent.wait(timeout=120)
-    assert code == 130 and "interrupted; checkpoints already written are intact" in (tmp_path / "stderr").read_text()
+    told = (tmp_path / "stderr").read_text()
+    assert code == 130
+    # once, and no launcher traceback: every rank and the launcher told it before
+    assert told.count("interrupted; checkpoints already written are intact") == 1 and "Traceback" not in told, told
     # the launcher and its workers have stopped too: they trained on, orphaned, before
     assert running_with(str(out)) == []
 

@@ -272,9 +272,13 @@ def train(
             shutdown(context)
     if not context.is_main:
         return
-    best = max(result.history, key=lambda m: m.score)
-    summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
-    out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
+    candidates = [m for m in result.history if not m.paused]  # a pause's validation chooses no best.pt
+    if candidates:
+        best = max(candidates, key=lambda m: m.score)
+        summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
+        out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
+    else:
+        out.print("no best checkpoint yet: the first epoch ends after the pause", markup=False, highlight=False)
     if result.averaged is not None:
         epochs = " and ".join(map(str, result.averaged_epochs))
         out.print(f"weights of epochs {epochs} averaged: {_summary_of(result.averaged)}", markup=False, highlight=False)

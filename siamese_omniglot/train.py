@@ -85,11 +85,15 @@ class EpochMetrics:
     pairs_per_s: float
     images_per_s: float
     seconds: float
+    paused: bool = False  # a --stop-after pause's validation: logged, and never a candidate for best.pt
 
     @property
     def score(self) -> tuple[float, float]:
         """What ``best.pt`` maximises (see :func:`selection_score`)."""
         return selection_score(self.val_one_shot, self.val_roc_auc)
+
+
+NO_SCORE = (-math.inf, -math.inf)  # the best score of a run before any epoch has ended
 
 
 def selection_score(one_shot: float | None, roc_auc: float) -> tuple[float, float]:
@@ -380,7 +384,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.generator_state: torch.Tensor | None = None  # the pair and distortion stream of a paused epoch
         self._epoch_generator: torch.Generator | None = None  # the stream of the epoch under way
-        self.best_score = (-math.inf, -math.inf)
+        self.best_score = NO_SCORE
         # the `average_best` best epochs so far, best first: {"score", "epoch", "model" (weights on the CPU)}
         self.top_epochs: list[dict] = []
 
@@ -656,6 +660,8 @@ class Trainer:
         val = self.dist.broadcast_object(val)
         # rank 0 calibrated the head and holds the batch-norm statistics the checkpoint records
         self.dist.broadcast([*self.model.head.parameters(), *self.model.buffers()])
+        # a pause's validation is for its log and last.pt: selecting by it would make best.pt depend on the pauses
+        paused = self.step_in_epoch != 0 and self.step < self.total_steps
         metrics = EpochMetrics(
             epoch=self.epoch if self.step_in_epoch == 0 else self.epoch + 1,
             step=self.step,
@@ -670,10 +676,9 @@ class Trainer:
             pairs_per_s=images_per_s / 2,
             images_per_s=images_per_s,
             seconds=seconds,
+            paused=paused,
         )
         self.history.append(metrics)
-        # a pause's validation is for its log and last.pt: selecting by it would make best.pt depend on the pauses
-        paused = self.step_in_epoch != 0 and self.step < self.total_steps
         improved = not paused and val.score > self.best_score
         if improved:
             self.best_score = val.score
@@ -820,7 +825,7 @@ class Trainer:
         over) a ``best.pt`` again: the best epoch's weights where the checkpoint keeps them, else the resumed state,
         which then is the best so far."""
         best = self.out_dir / "best.pt"
-        if best.exists():
+        if best.exists() or self.best_score == NO_SCORE:  # no epoch has ended: the first to end writes best.pt
             return
         if self.top_epochs:
             model = self._model_from([self.top_epochs[0]["model"]])

@@ -520,6 +520,28 @@ def test_cli_stop_after_pauses_and_resume_finishes_like_an_unpaused_run(tiny_tre
                         model_tensors(load_checkpoint(tmp_path / "whole" / "last.pt")))
 
 
+def test_a_pause_names_the_best_epoch_so_far_and_one_before_the_first_epoch_ends_none(
+    tiny_tree: Path, tmp_path: Path
+) -> None:
+    options = [*TRAIN, "--data", tiny_tree, "--epochs", 2]
+    whole = run_cli(*options, "--out", tmp_path / "whole", cwd=tmp_path)
+    assert whole.code == 0, whole.stderr
+    later = run_cli(*options, "--out", tmp_path / "later", "--stop-after", 7, cwd=tmp_path)  # epoch 1 ended at step 5
+    best = load_checkpoint(tmp_path / "later" / "best.pt")
+    assert best["training"]["step"] == 5
+    # the line described the pause's validation at step 7 before, a threshold best.pt does not hold
+    assert f"at threshold {best['threshold']:.3f})" in later.stdout.splitlines()[0]
+    early = run_cli(*options, "--out", tmp_path / "early", "--stop-after", 3, cwd=tmp_path)
+    assert early.code == 0, early.stderr
+    assert early.stdout.splitlines()[0] == "no best checkpoint yet: the first epoch ends after the pause"
+    assert not (tmp_path / "early" / "best.pt").exists()  # the line named it all the same before
+    resumed = run_cli(*TRAIN[:3], "--resume", tmp_path / "early" / "last.pt", "--data", tiny_tree, cwd=tmp_path)
+    assert resumed.code == 0, resumed.stderr
+    assert "was missing" not in resumed.stderr  # the pause's state became best.pt, with a warning, before
+    assert_same_tensors(model_tensors(load_checkpoint(tmp_path / "early" / "best.pt")),
+                        model_tensors(load_checkpoint(tmp_path / "whole" / "best.pt")))
+
+
 # --- non-finite loss ---------------------------------------------------------------------------------
 
 

@@ -17,7 +17,9 @@ from torch.distributed.run import main as run_launcher
 
 def main(argv: list[str]) -> int:
     """Run the launcher with ``argv``; returns the job's exit code."""
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its lines repeat the exit codes
+    # torch's elastic agent logs each worker's exit and each signal it passes on, at levels of their own: the workers
+    # and the command that started this process tell the user what happened
+    logging.disable(logging.ERROR)
     try:
         run_launcher(argv)
     except ChildFailedError as failed:

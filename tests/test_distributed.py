@@ -137,6 +137,7 @@ def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_p
     assert code == 130
     # once, and no launcher traceback: every rank and the launcher told it before
     assert told.count("interrupted; checkpoints already written are intact") == 1 and "Traceback" not in told, told
+    assert not re.search(r"^[WE]\d{4} ", told, re.M), told  # nor the launcher's log lines ("Received 15 death signal")
     # the launcher and its workers have stopped too: they trained on, orphaned, before
     assert running_with(str(out)) == []
 

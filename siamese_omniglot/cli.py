@@ -416,6 +416,7 @@ def evaluate(
             _require_plotting()
             if plot.exists() and not plot.is_dir():
                 raise OutputError(f"{plot}: is a file; --plot names a folder to draw in")
+            _check_can_write_in(plot)
         checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
         with _progress_bar() as update:
@@ -489,6 +490,9 @@ def compare(
     with _errors_as_exit():
         if plot is not None:
             _require_plotting()
+            from .figures import check_png_name
+
+            _check_can_write_in(check_png_name(plot).parent)
         verifier = Verifier.from_checkpoint(checkpoint or default_checkpoint(), device)
         result = verifier.compare(first, second)
         if plot is not None:
@@ -595,6 +599,16 @@ def export(
         f"limit {result.tolerance:.0e})",
     ):
         out.print(line, markup=False, highlight=False)
+
+
+def _check_can_write_in(folder: Path) -> None:
+    """Refuse now, before the work, a folder for pictures (made when they are drawn) that cannot be written in."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OutputError(f"{folder}: cannot write there ({error.strerror or error})") from None
 
 
 def _require_plotting() -> None:

@@ -18,6 +18,7 @@ from .data.episodes import Episodes
 from .data.images import ImageSet
 from .errors import DependencyError, OutputError
 from .evaluate import hardest_episodes, roc_curve
+from .files import atomic_write
 from .verify import Comparison
 
 DPI = 100
@@ -156,11 +157,21 @@ def _short(text: str, width: int = 40) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def _save(figure, path: str | Path) -> Path:
+def check_png_name(path: str | Path) -> Path:
+    """``path`` as a Path when its name ends in ``.png``, as the pictures drawn here are PNG files; else an
+    OutputError (a viewer trusting a ``.jpg`` name would fail on the PNG inside)."""
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"{path}: pictures are drawn as PNG files; give it a name ending in .png")
+    return path
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = check_png_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=DPI, format="png")
+        with atomic_write(path) as file:  # a full disk leaves the picture that was there, not half of a new one
+            figure.savefig(file, dpi=DPI, format="png")
     except OSError as error:
         raise OutputError(f"{path}: cannot write ({error.strerror})") from None
     return path

@@ -142,3 +142,41 @@ def test_cli_plot_without_matplotlib_is_one_error_line(
                              "pip install 'siamese-omniglot[plot]'\n")
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []  # failed before doing any work
+
+
+def test_a_picture_that_cannot_be_written_leaves_the_one_that_was_there(tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    from siamese_omniglot.errors import OutputError
+
+    target = tmp_path / "roc.png"
+    target.write_bytes(b"the picture of an earlier run")
+
+    def full_disk(figure, file, **options):
+        file.write(b"\x89PNG half a picture")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OutputError, match="roc.png: cannot write \\(No space left on device\\)"):
+        roc_figure(torch.tensor([0.9, 0.1]), torch.tensor([True, False]), 0.5, target)
+    assert target.read_bytes() == b"the picture of an earlier run"  # a truncated PNG over it before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["roc.png"]
+
+
+@pytest.mark.parametrize("command", ["compare", "eval"])
+def test_cli_plot_targets_are_refused_before_any_work(
+    command: str, tiny_checkpoint: Path, drawings: list[Path], mini_evaluation: Path, run_siamese, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    target, told = {
+        "compare": (tmp_path / "pair.jpg", "pictures are drawn as PNG files; give it a name ending in .png"),
+        "eval": (tmp_path / "notes.txt" / "plots", "cannot write there (Not a directory)"),
+    }[command]
+    args = {
+        "compare": ["compare", drawings[0], drawings[1], "-c", tiny_checkpoint],
+        "eval": ["eval", tiny_checkpoint, "--data", mini_evaluation],
+    }[command]
+    result = run_siamese(*args, "--plot", target, "--device", "cpu", cwd=tmp_path)
+    # compare wrote PNG bytes under the .jpg name; eval failed after all its work
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {target}: {told}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

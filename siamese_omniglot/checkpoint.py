@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a readable checkpoint (the file is empty)")
     if head != ZIP_MAGIC and head[:1] != PICKLE_MAGIC:  # an image, a text, another format
         raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
+    if head == ZIP_MAGIC and not zipfile.is_zipfile(path):  # torch's own words: "[Errno 22]", or a miniz paragraph
+        raise CheckpointError(f"{path}: not a readable checkpoint (cut short or damaged: its archive is incomplete; "
+                              "copy it again)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

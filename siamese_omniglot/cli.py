@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -84,6 +85,7 @@ def _errors_as_exit(interrupted: str = "interrupted") -> Iterator[None]:
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would interrupt the shutdown with a traceback
         if not is_secondary_rank():  # rank 0, or the command that launched the ranks, tells it
             err.print(interrupted, highlight=False)
         raise typer.Exit(130) from None

@@ -159,6 +159,8 @@ def export_onnx(
     network = _cpu_copy(model)
     embedding, scorer = PixelEmbedding(network).eval(), PairScorer(network).eval()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # "cannot create (File exists)" otherwise
+        raise OutputError(f"{out_dir}: is a file; --out must name a folder")
     embedding_path, scorer_path = out_dir / EMBEDDING_FILE, out_dir / SCORER_FILE
     for path in (embedding_path, scorer_path):
         if path.is_dir():

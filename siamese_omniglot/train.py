@@ -489,7 +489,8 @@ class Trainer:
     def _diverged(self, what: str) -> TrainingError:
         """The error that ends a run whose loss or weights are no longer finite: ``what`` happened by this step."""
         kept = "the last good checkpoint is kept" if self.history else "no checkpoint had been saved yet"
-        return TrainingError(f"{what} by step {self.step}; {kept} — lower --lr or turn off --amp")
+        advice = "lower --lr or pass --no-amp" if self.amp else "lower --lr"
+        return TrainingError(f"{what} by step {self.step}; {kept} — {advice}")
 
     def _weights_finite(self) -> bool:
         flags = [torch.isfinite(p).all() for p in self.objective.parameters()]

@@ -151,3 +151,14 @@ def test_garbage_files_are_checkpoint_errors(tmp_path: Path, damage) -> None:
     with pytest.raises(CheckpointError) as raised:
         load_checkpoint(path)
     assert str(raised.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("kept", [1000, 20000, -1], ids=["head", "most", "all-but-one-byte"])
+def test_a_checkpoint_cut_short_says_so(tmp_path: Path, kept: int) -> None:
+    path = save_checkpoint(model_state(), tmp_path / "best.pt")
+    path.write_bytes(path.read_bytes()[:kept])
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+    # torch's words before: "[Errno 22] Invalid argument", or a paragraph about miniz's central directory
+    assert str(raised.value) == (f"{path}: not a readable checkpoint (cut short or damaged: its archive is incomplete; "
+                                 "copy it again)")

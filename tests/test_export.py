@@ -165,3 +165,12 @@ def test_cli_export_where_a_model_file_is_a_folder_writes_neither(
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert f"{tmp_path / 'onnx' / EMBEDDING_FILE}: is a folder" in result.stderr
     assert [p.name for p in (tmp_path / "onnx").iterdir()] == [EMBEDDING_FILE]
+
+
+def test_cli_export_to_a_file_says_out_names_a_folder(tiny_checkpoint: Path, run_siamese, tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"a picture")
+    result = run_siamese("export", tiny_checkpoint, "--out", tmp_path / "a.png", cwd=tmp_path)
+    # "cannot create (File exists)" before
+    told = f"error: {tmp_path / 'a.png'}: is a file; --out must name a folder\n"
+    assert (result.returncode, result.stderr) == (2, told)
+    assert (tmp_path / "a.png").read_bytes() == b"a picture"

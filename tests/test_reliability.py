@@ -548,17 +548,21 @@ def test_a_pause_names_the_best_epoch_so_far_and_one_before_the_first_epoch_ends
 def test_a_diverging_run_stops_at_the_next_log_interval(tiny_tree: Path, tmp_path: Path) -> None:
     run = run_cli(*TRAIN, "--data", tiny_tree, "--out", tmp_path / "run", "--lr", "1e30", cwd=tmp_path)
     line = assert_fails_once_started(run, "the loss became nan by step 2; no checkpoint had been saved yet")
-    assert "lower --lr" in line
+    assert line.endswith("— lower --lr")  # and "or turn off --amp" before, which was off
     assert "step 1/" in run.stderr  # step 1 was still finite, and reported
     assert not list((tmp_path / "run").glob("*.pt")) and not list((tmp_path / "run").glob(".*tmp"))
 
 
-def test_divergence_between_log_intervals_is_caught_before_saving(small: ImageSet, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("amp", "advice"), [(False, "lower --lr"), (True, "lower --lr or pass --no-amp")])
+def test_divergence_between_log_intervals_is_caught_before_saving(
+    small: ImageSet, tmp_path: Path, amp: bool, advice: str
+) -> None:
     """Progress is logged every 1,000 steps, the epoch ends at step 5: the epoch's end checks the loss."""
     from siamese_omniglot.errors import TrainingError
 
-    config = preset("fast", epochs=2, batch_size=8, val_pairs=50, log_every=1000, lr=1e30)
-    with pytest.raises(TrainingError, match="stopped being finite by step 5; no checkpoint had been saved yet"):
+    config = preset("fast", epochs=2, batch_size=8, val_pairs=50, log_every=1000, lr=1e30, amp=amp)
+    told = f"stopped being finite by step 5; no checkpoint had been saved yet — {advice}$"
+    with pytest.raises(TrainingError, match=told):
         Trainer(config, small, tmp_path, CPU).fit()
     assert not list(tmp_path.glob("*.pt"))
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from . import devices
 from .config import PRESETS, preset
 from .data.episodes import load_lake_runs, sample_episodes
-from .data.omniglot import MIRROR_ENV, load_evaluation_set, load_training_set
+from .data.omniglot import MIRROR_ENV, custom_tree, load_evaluation_set, load_training_set
 from .data.pairs import NEGATIVES, fixed_pairs
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
@@ -236,6 +236,7 @@ def train(
                 raise ConfigError(f"--resume continues with the checkpoint's settings; drop {', '.join(given)}")
             config = resume_config(resume, epochs=epochs, max_steps=max_steps, log_every=log_every)
             run_dir = out_dir or resume.parent
+        _check_outside_data(run_dir, data, "--out")
         if processes > 1 and "WORLD_SIZE" not in os.environ:
             device_kind_for_ranks(device)
             check_run_dir(run_dir, resume)
@@ -419,6 +420,7 @@ def evaluate(
             if plot.exists() and not plot.is_dir():
                 raise OutputError(f"{plot}: is a file; --plot names a folder to draw in")
             _check_can_write_in(plot)
+            _check_outside_data(plot, data, "--plot")
         checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
         with _progress_bar() as update:
@@ -601,6 +603,14 @@ def export(
         f"limit {result.tolerance:.0e})",
     ):
         out.print(line, markup=False, highlight=False)
+
+
+def _check_outside_data(folder: Path, data: Path | None, option: str) -> None:
+    """Refuse an output folder inside a custom image tree, where its files would be read as images next time."""
+    tree = custom_tree(data)
+    if tree is not None and folder.resolve().is_relative_to(tree.resolve()):
+        raise OutputError(f"{folder}: is inside the data tree {tree}, whose next load would read its files as "
+                          f"images; choose {option} outside it")
 
 
 def _check_can_write_in(folder: Path) -> None:

@@ -542,6 +542,22 @@ def test_a_pause_names_the_best_epoch_so_far_and_one_before_the_first_epoch_ends
                         model_tensors(load_checkpoint(tmp_path / "whole" / "best.pt")))
 
 
+@pytest.mark.parametrize("command", ["train", "train-from-inside", "eval"])
+def test_outputs_inside_a_custom_tree_are_refused(tiny_tree: Path, tmp_path: Path, command: str) -> None:
+    tree = shutil.copytree(tiny_tree, tmp_path / "tree")
+    before = sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    args, cwd, option = {
+        "train": ([*TRAIN, "--data", tree, "--out", tree / "run"], tmp_path, "--out"),
+        "train-from-inside": ([*TRAIN, "--data", "."], tree, "--out"),  # the default --out: ./logs/<time>
+        "eval": (["eval", "--data", tree, "--device", "cpu", "--plot", tree / "plots"], tmp_path, "--plot"),
+    }[command]
+    run = run_cli(*args, cwd=cwd)
+    # a run folder there became a class of the tree ("1 class(es) have fewer than 2 images: logs/…"), pictures a
+    # character "plots/…" of their own
+    assert_refused(run, f"whose next load would read its files as images; choose {option} outside it")
+    assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == before
+
+
 # --- non-finite loss ---------------------------------------------------------------------------------
 
 

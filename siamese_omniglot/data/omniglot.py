@@ -285,6 +285,12 @@ def looks_like_omniglot(root: Path) -> bool:
     return not any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in visible)
 
 
+def custom_tree(data: str | Path | None = None) -> Path | None:
+    """The root of the custom image tree that ``data`` names, or None where it names an Omniglot root."""
+    root = data_root(data)
+    return None if looks_like_omniglot(root) else root
+
+
 def load_training_set(
     data: str | Path | None = None,
     mirror: str | None = None,

@@ -146,17 +146,17 @@ def train(
     ] = None,
     data: Annotated[
         Path | None,
-        typer.Option("--data", "--train_data_path", help="Data root: Omniglot archives or folders, or a custom "
+        typer.Option("--data", help="Data root: Omniglot archives or folders, or a custom "
                      "<group>/<class>/<image> tree \\[default: $SIAMESE_DATA, else ./datasets]"),
     ] = None,
     mirror: MirrorOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder \\[default: logs/<timestamp>]")] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", "--epoch", min=1, help="Epochs \\[default: preset's]")
+        int | None, typer.Option("--epochs", min=1, help="Epochs \\[default: preset's]")
     ] = None,
     max_steps: Annotated[
         int | None,
-        typer.Option("--max-steps", "--max_steps", min=1,
+        typer.Option("--max-steps", min=1,
                      help="End the run after this many optimizer steps (the schedule is fitted to them)"),
     ] = None,
     stop_after: Annotated[
@@ -167,7 +167,7 @@ def train(
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", "--batch_size", min=1,
+        typer.Option("--batch-size", min=1,
                      help="Items per step and process (pair objective: 1 item = 2 pairs)"),
     ] = None,
     lr: Annotated[
@@ -187,7 +187,7 @@ def train(
                      "--max-steps, --log-every and --skip-bad-images may be given; --stop-after pauses it again)"),
     ] = None,
     nproc_per_node: Annotated[
-        int, typer.Option("--nproc-per-node", "--nproc_per_node", min=1,
+        int, typer.Option("--nproc-per-node", min=1,
                           help="Processes on this machine, one per device, started by torch.distributed.run")
     ] = 1,
     log_every: Annotated[
@@ -212,7 +212,11 @@ def train(
         str | None, typer.Option("--model_name", hidden=True, help="Reference: Siamese (selects the seed preset)")
     ] = None,
 ) -> None:
-    """Train a Siamese network on Omniglot's background alphabets (or a custom tree)."""
+    """Train a Siamese network on Omniglot's background alphabets (or a custom tree).
+
+    The reference's command lines run as written, in its spellings too:
+    --train_data_path, --epoch, --batch_size, --max_steps, --nproc_per_node, --model_name, --use_amp, --distributed.
+    """
     from .distributed import device_kind_for_ranks, init_distributed, launch, shutdown
     from .train import Trainer, check_run_dir, default_out_dir, resume_config
 
@@ -630,6 +634,23 @@ def _require_plotting() -> None:
     require_matplotlib()
 
 
+# the reference's spellings of train's options: accepted, and kept out of the help, whose columns they crowded
+REFERENCE_SPELLINGS = {"--train_data_path": "--data", "--epoch": "--epochs", "--max_steps": "--max-steps",
+                       "--batch_size": "--batch-size", "--nproc_per_node": "--nproc-per-node"}
+
+
+def respell(args: list[str]) -> list[str]:
+    """``args`` with ``train``'s reference spellings (``--batch_size 32``, ``--epoch=50``) in the project's own."""
+    if "train" not in args:
+        return args
+    start = args.index("train") + 1
+    respelt = []
+    for arg in args[start:]:
+        name, equals, value = arg.partition("=")
+        respelt.append(REFERENCE_SPELLINGS.get(name, name) + equals + value)
+    return args[:start] + respelt
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app(args=respell(sys.argv[1:]))

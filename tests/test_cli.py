@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -216,3 +217,19 @@ def test_ctrl_c_is_one_line_about_what_the_command_writes(command: str, told: st
         signal.signal(signal.SIGINT, handler)  # the processes this suite starts would inherit the ignored signal
     assert stopped.value.exit_code == 130
     assert capsys.readouterr().err.strip() == told  # compare said checkpoints were intact, as if it wrote any
+
+
+def test_the_reference_spellings_are_accepted_and_kept_out_of_the_help() -> None:
+    from siamese_omniglot.cli import respell
+
+    given = ["train", "--epoch=50", "--batch_size", "32", "--out", "run=1", "--max_steps", "9", "--nproc_per_node", "3",
+             "--train_data_path", "data"]
+    assert respell(given) == ["train", "--epochs=50", "--batch-size", "32", "--out", "run=1", "--max-steps", "9",
+                              "--nproc-per-node", "3", "--data", "data"]
+    assert respell(["compare", "--epoch", "a.png"]) == ["compare", "--epoch", "a.png"]  # train's spellings only
+    code = "import sys; from siamese_omniglot.cli import main; sys.argv[0] = 'siamese'; main()"
+    result = subprocess.run([sys.executable, "-c", code, "train", "--help"], capture_output=True, text=True,
+                            timeout=120, env=os.environ | {"COLUMNS": "80"})  # a usual terminal's width
+    assert result.returncode == 0 and result.stdout.splitlines()[1].strip() == "Usage: siamese train [OPTIONS]"
+    # the second names squeezed the help column of a usual terminal: "--data,--train_data…", "--batch-size,--batc…"
+    assert not re.search(r"--[\w-]*…", result.stdout), result.stdout

@@ -52,6 +52,7 @@ METRIC_KEYS = {
     "pairs_per_s",
     "images_per_s",
     "seconds",
+    "paused",
 }
 
 

@@ -73,20 +73,23 @@ CheckpointOption = Annotated[
 
 
 @contextlib.contextmanager
-def _errors_as_exit(interrupted: str = "interrupted") -> Iterator[None]:
+def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> Iterator[None]:
     """Turn the library's expected failures into one stderr line and exit code 2, and Ctrl-C into the line
-    ``interrupted`` and exit code 130."""
+    ``interrupted`` and exit code 130. ``ranked``: the command is one rank of a training job, where rank 0 tells
+    what every rank meets alike."""
     from .distributed import defer_to_rank0, is_secondary_rank
 
+    secondary = ranked and is_secondary_rank()
     try:
         yield
     except SiameseError as error:
-        defer_to_rank0()  # a training job's ranks tell an error they all met once
+        if secondary:
+            defer_to_rank0()
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would interrupt the shutdown with a traceback
-        if not is_secondary_rank():  # rank 0, or the command that launched the ranks, tells it
+        if not secondary:  # rank 0, or the command that launched the ranks, tells it
             err.print(interrupted, highlight=False)
         raise typer.Exit(130) from None
 
@@ -221,7 +224,7 @@ def train(
     from .train import Trainer, check_run_dir, default_out_dir, resume_config
 
     _setup_logging()
-    with _errors_as_exit("interrupted; checkpoints already written are intact"):
+    with _errors_as_exit("interrupted; checkpoints already written are intact", ranked=True):
         if model_name is not None and model_name.lower() != "siamese":
             raise ConfigError(f"--model_name {model_name!r}: only Siamese is provided")
         amp = amp if use_amp is None else _truth(use_amp, "--use_amp")

@@ -141,8 +141,7 @@ def defer_to_rank0(grace_s: float = 5.0) -> None:
     An error that every rank meets alike (a setting, the data, the loss) is told by rank 0, whose exit makes the
     launcher stop the others meanwhile; an error of this rank alone is still told, after the wait.
     """
-    if is_secondary_rank():
-        time.sleep(grace_s)
+    time.sleep(grace_s)
 
 
 def shutdown(context: DistributedContext) -> None:

@@ -195,12 +195,22 @@ def test_error_line_prints_paths_verbatim(image_pair: tuple[Path, Path], tmp_pat
     assert result.stderr.strip() == f"error: {missing}: no such checkpoint"
 
 
-@pytest.mark.parametrize(("command", "told"), [("compare", "interrupted"),
-                                               ("train", "interrupted; checkpoints already written are intact")])
-def test_ctrl_c_is_one_line_about_what_the_command_writes(command: str, told: str, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(("command", "rank", "told"), [
+    ("compare", None, "interrupted"),
+    ("compare", "1", "interrupted"),  # a lone command in a job's environment: silent before
+    ("train", None, "interrupted; checkpoints already written are intact"),
+    ("train", "1", ""),  # a training job's rank 1: rank 0 tells it
+])
+def test_ctrl_c_is_one_line_about_what_the_command_writes(
+    command: str, rank: str | None, told: str, monkeypatch, capsys
+) -> None:
     import typer
 
     from siamese_omniglot import cli, verify
+
+    if rank is not None:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # as Ctrl-C arrives during the work

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -154,10 +155,11 @@ def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
     """Start ``nproc_per_node`` workers of ``python -m siamese_omniglot <module_args>`` on this node through
     ``torch.distributed.run`` (by :mod:`siamese_omniglot.launcher`); returns the first failed worker's exit code, or 0.
 
-    SIGINT and SIGTERM stop the launcher, which stops its workers, and raise KeyboardInterrupt once it has: a job
-    stopped through this process does not leave its workers training on. The launcher has a session of its own, so
-    a terminal's Ctrl-C reaches it only this way, as a SIGTERM that ends the workers without a word (their
-    checkpoints are whole: each is written to a temporary file and renamed).
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT stop the launcher, which stops its workers, and raise KeyboardInterrupt once
+    it has (called from the main thread, where signals are received): a job stopped through this process does not
+    leave its workers training on. The launcher has a session of its own, so a terminal's Ctrl-C reaches it only this
+    way, as a SIGTERM that ends the workers without a word (their checkpoints are whole: each is written to a
+    temporary file and renamed).
     """
     command = [
         sys.executable, "-m", "siamese_omniglot.launcher", "--standalone", f"--nproc-per-node={nproc_per_node}",
@@ -166,19 +168,26 @@ def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
     log.info("launching: %s", " ".join(command))
     # the launcher's own default is one thread per worker, announced in a banner; share the cores out instead
     threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc_per_node))}
-    launcher = subprocess.Popen(command, env=threads | os.environ, start_new_session=True)
+    launcher: subprocess.Popen | None = None
     received: list[int] = []
 
     def pass_on(signum: int, _frame: object) -> None:
         received.append(signum)
-        launcher.send_signal(signal.SIGTERM)
+        if launcher is not None:
+            launcher.send_signal(signal.SIGTERM)
 
-    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    # installed before the launcher starts, so that no signal finds it running with no one to pass it on
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, pass_on) for signum in stops} if main_thread else {}
     try:
+        launcher = subprocess.Popen(command, env=threads | os.environ, start_new_session=True)
+        if received:  # a signal came while it was starting
+            launcher.send_signal(signal.SIGTERM)
         code = launcher.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if received:
+    if received and code != 0:  # a job that had finished when the signal came has finished
         raise KeyboardInterrupt
     return code

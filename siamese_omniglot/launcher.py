@@ -1,13 +1,16 @@
 """``python -m siamese_omniglot.launcher ARGS``: ``torch.distributed.run ARGS``, ending as its workers ended.
 
 When a worker fails, torch's launcher prints a traceback of its own (``ChildFailedError``, some 35 lines, under the
-worker's message) and exits with code 1; stopped by a signal, another traceback. Here the job ends quietly with the
-first failed worker's exit code, 2 for an error the worker has already told, or ``128 + N`` for signal N.
+worker's message) and exits with code 1; stopped by a signal, another traceback. Here the job ends with the first
+failed worker's exit code: 2 for an error the worker has told, 1 for a crash whose traceback it printed, or
+``128 + N`` for a worker killed by signal N, which one line names (the worker could say nothing: the kernel's
+out-of-memory killer, a ``kill -9``). A launcher stopped by a signal ends quietly with ``128 + N``.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -17,14 +20,18 @@ from torch.distributed.run import main as run_launcher
 
 def main(argv: list[str]) -> int:
     """Run the launcher with ``argv``; returns the job's exit code."""
-    # torch's elastic agent logs each worker's exit and each signal it passes on, at levels of their own: the workers
-    # and the command that started this process tell the user what happened
+    # torch's elastic agent logs each worker's exit and each signal it passes on, at levels of their own, errors
+    # included: the workers, the line above and the command that started this process tell the user what happened
     logging.disable(logging.ERROR)
     try:
         run_launcher(argv)
     except ChildFailedError as failed:
-        _rank, failure = failed.get_first_failure()
-        return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+        rank, failure = failed.get_first_failure()
+        if failure.exitcode >= 0:
+            return failure.exitcode
+        name = signal.Signals(-failure.exitcode).name
+        print(f"error: rank {rank} of the training job was killed by {name}", file=sys.stderr)
+        return 128 - failure.exitcode
     except SignalException as stopped:
         return 128 + int(stopped.sigval)
     return 0

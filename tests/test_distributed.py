@@ -104,6 +104,19 @@ def test_nproc_per_node_launches_through_torch_distributed_run(mini_background, 
     assert state["training"]["world_size"] == 2 and state["training"]["step"] == 10
 
 
+def test_a_worker_killed_without_a_word_is_named_by_the_launcher(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, signal, time\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer ends a process\n"
+                      "time.sleep(60)\n")
+    command = [sys.executable, "-m", "siamese_omniglot.launcher", "--standalone", "--nproc-per-node=2", str(worker)]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    # torch's launcher: a 35-line traceback and code 1; with its log lines silenced, nothing at all
+    assert (done.returncode, done.stderr) == (128 + signal.SIGKILL, "error: rank 1 of the training job was killed by "
+                                                                    "SIGKILL\n")
+
+
 def test_an_error_every_worker_meets_is_told_once_with_exit_code_2(mini_background, tmp_path):
     command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(tmp_path / "run"),
                "--nproc-per-node", "2", "--max-steps", "10", *SMALL[:2], "--batch-size", "100000"]
@@ -117,8 +130,9 @@ def test_an_error_every_worker_meets_is_told_once_with_exit_code_2(mini_backgrou
 
 
 @pytest.mark.parametrize(("signum", "to_group"),
-                         [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGINT", "Ctrl-C"])
+                         [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True),
+                          (signal.SIGHUP, True)],
+                         ids=["SIGTERM", "SIGINT", "Ctrl-C", "terminal-closed"])
 def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_path, signum, to_group):
     out = tmp_path / "run"
     command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(out), "--nproc-per-node", "2",

@@ -214,6 +214,12 @@ def train(
     model_name: Annotated[
         str | None, typer.Option("--model_name", hidden=True, help="Reference: Siamese (selects the seed preset)")
     ] = None,
+    # the reference's spellings of options above: hidden, as beside every option they crowded the help's columns
+    train_data_path: Annotated[Path | None, typer.Option("--train_data_path", hidden=True)] = None,
+    epoch: Annotated[int | None, typer.Option("--epoch", min=1, hidden=True)] = None,
+    max_steps_spelt: Annotated[int | None, typer.Option("--max_steps", min=1, hidden=True)] = None,
+    batch_size_spelt: Annotated[int | None, typer.Option("--batch_size", min=1, hidden=True)] = None,
+    nproc_per_node_spelt: Annotated[int | None, typer.Option("--nproc_per_node", min=1, hidden=True)] = None,
 ) -> None:
     """Train a Siamese network on Omniglot's background alphabets (or a custom tree).
 
@@ -225,6 +231,12 @@ def train(
 
     _setup_logging()
     with _errors_as_exit("interrupted; checkpoints already written are intact", ranked=True):
+        data = _one_of("--data", data, "--train_data_path", train_data_path)
+        epochs = _one_of("--epochs", epochs, "--epoch", epoch)
+        max_steps = _one_of("--max-steps", max_steps, "--max_steps", max_steps_spelt)
+        batch_size = _one_of("--batch-size", batch_size, "--batch_size", batch_size_spelt)
+        nproc_per_node = _one_of("--nproc-per-node", None if nproc_per_node == 1 else nproc_per_node,
+                                 "--nproc_per_node", nproc_per_node_spelt) or 1
         if model_name is not None and model_name.lower() != "siamese":
             raise ConfigError(f"--model_name {model_name!r}: only Siamese is provided")
         amp = amp if use_amp is None else _truth(use_amp, "--use_amp")
@@ -612,6 +624,13 @@ def export(
         out.print(line, markup=False, highlight=False)
 
 
+def _one_of(name: str, value, reference_name: str, reference_value):
+    """The value of an option given as ``name`` or in the reference's spelling ``reference_name``, not both."""
+    if value is not None and reference_value is not None:
+        raise ConfigError(f"{name} and {reference_name} are one option; give it once")
+    return value if value is not None else reference_value
+
+
 def _check_outside_data(folder: Path, data: Path | None, option: str) -> None:
     """Refuse an output folder inside a custom image tree, where its files would be read as images next time."""
     tree = custom_tree(data)
@@ -637,23 +656,6 @@ def _require_plotting() -> None:
     require_matplotlib()
 
 
-# the reference's spellings of train's options: accepted, and kept out of the help, whose columns they crowded
-REFERENCE_SPELLINGS = {"--train_data_path": "--data", "--epoch": "--epochs", "--max_steps": "--max-steps",
-                       "--batch_size": "--batch-size", "--nproc_per_node": "--nproc-per-node"}
-
-
-def respell(args: list[str]) -> list[str]:
-    """``args`` with ``train``'s reference spellings (``--batch_size 32``, ``--epoch=50``) in the project's own."""
-    if "train" not in args:
-        return args
-    start = args.index("train") + 1
-    respelt = []
-    for arg in args[start:]:
-        name, equals, value = arg.partition("=")
-        respelt.append(REFERENCE_SPELLINGS.get(name, name) + equals + value)
-    return args[:start] + respelt
-
-
 def main() -> None:
     """Console-script entry point."""
-    app(args=respell(sys.argv[1:]))
+    app()

@@ -26,7 +26,7 @@ from rich.table import Table
 from . import devices
 from .config import PRESETS, preset
 from .data.episodes import load_lake_runs, sample_episodes
-from .data.omniglot import MIRROR_ENV, custom_tree, load_evaluation_set, load_training_set
+from .data.omniglot import MIRROR_ENV, image_folders, load_evaluation_set, load_training_set
 from .data.pairs import NEGATIVES, fixed_pairs
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
@@ -632,11 +632,13 @@ def _one_of(name: str, value, reference_name: str, reference_value):
 
 
 def _check_outside_data(folder: Path, data: Path | None, option: str) -> None:
-    """Refuse an output folder inside a custom image tree, where its files would be read as images next time."""
-    tree = custom_tree(data)
-    if tree is not None and folder.resolve().is_relative_to(tree.resolve()):
-        raise OutputError(f"{folder}: is inside the data tree {tree}, whose next load would read its files as "
-                          f"images; choose {option} outside it")
+    """Refuse an output folder inside the data's image folders, where its files would be read as images next time
+    (a hidden folder there is never read)."""
+    for images in image_folders(data):
+        inside = folder.resolve().is_relative_to(images.resolve())
+        if inside and not any(part.startswith(".") for part in folder.resolve().relative_to(images.resolve()).parts):
+            raise OutputError(f"{folder}: is inside the data tree {images}, whose next load would read its files as "
+                              f"images; choose {option} outside it")
 
 
 def _check_can_write_in(folder: Path) -> None:

@@ -542,20 +542,29 @@ def test_a_pause_names_the_best_epoch_so_far_and_one_before_the_first_epoch_ends
                         model_tensors(load_checkpoint(tmp_path / "whole" / "best.pt")))
 
 
-@pytest.mark.parametrize("command", ["train", "train-from-inside", "eval"])
-def test_outputs_inside_a_custom_tree_are_refused(tiny_tree: Path, tmp_path: Path, command: str) -> None:
+@pytest.mark.parametrize("command", ["train", "train-from-inside", "eval", "train-in-an-omniglot-split"])
+def test_outputs_inside_the_data_s_image_folders_are_refused(tiny_tree: Path, tmp_path: Path, command: str) -> None:
     tree = shutil.copytree(tiny_tree, tmp_path / "tree")
-    before = sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    split = shutil.copytree(tiny_tree, tmp_path / "omniglot" / "images_background")  # an extracted split
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     args, cwd, option = {
         "train": ([*TRAIN, "--data", tree, "--out", tree / "run"], tmp_path, "--out"),
         "train-from-inside": ([*TRAIN, "--data", "."], tree, "--out"),  # the default --out: ./logs/<time>
         "eval": (["eval", "--data", tree, "--device", "cpu", "--plot", tree / "plots"], tmp_path, "--plot"),
+        "train-in-an-omniglot-split": ([*TRAIN, "--data", split.parent, "--out", split / "run"], tmp_path, "--out"),
     }[command]
     run = run_cli(*args, cwd=cwd)
     # a run folder there became a class of the tree ("1 class(es) have fewer than 2 images: logs/…"), pictures a
     # character "plots/…" of their own
     assert_refused(run, f"whose next load would read its files as images; choose {option} outside it")
-    assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == before
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".cli-" not in p.name) == before
+
+
+def test_a_hidden_folder_inside_a_custom_tree_may_hold_a_run(tiny_tree: Path, tmp_path: Path) -> None:
+    tree = shutil.copytree(tiny_tree, tmp_path / "tree")
+    run = run_cli(*TRAIN, "--data", tree, "--out", tree / ".runs" / "first", "--max-steps", 2, cwd=tmp_path)
+    assert run.code == 0, run.stderr  # never read as images: every hidden file and folder is skipped
+    assert len(load_folder(tree)) == len(load_folder(tiny_tree))
 
 
 # --- non-finite loss ---------------------------------------------------------------------------------

@@ -285,10 +285,14 @@ def looks_like_omniglot(root: Path) -> bool:
     return not any(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in visible)
 
 
-def custom_tree(data: str | Path | None = None) -> Path | None:
-    """The root of the custom image tree that ``data`` names, or None where it names an Omniglot root."""
+def image_folders(data: str | Path | None = None) -> list[Path]:
+    """The folders whose every visible file a load of ``data`` reads as an image: a custom tree's root, or an
+    Omniglot root's extracted splits (its archives hold their own files)."""
     root = data_root(data)
-    return None if looks_like_omniglot(root) else root
+    if not looks_like_omniglot(root):
+        return [root]
+    splits = (find_split(root, split) for split in (BACKGROUND, EVALUATION))
+    return [split for split in splits if split is not None and split.is_dir()]
 
 
 def load_training_set(

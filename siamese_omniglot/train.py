@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -767,7 +767,9 @@ class Trainer:
             else:  # a CPU generator's state is 5,056 bytes, a CUDA one's 16
                 log.warning("resuming on %s a run paused on another kind of device: new pair streams from here on",
                             self.device.type)
-        self.history = [EpochMetrics(**m) for m in training["history"]]
+        known = {field.name for field in fields(EpochMetrics)}  # a later version's keys are left behind
+        self.history = [EpochMetrics(**{key: value for key, value in m.items() if key in known})
+                        for m in training["history"]]
         log.info("resuming %s at epoch %d, step %d", path, self.epoch, self.step)
         return state
 

@@ -490,6 +490,16 @@ def test_a_resumed_run_removes_the_temporary_files_of_killed_saves(small: ImageS
     assert (tmp_path / ".notes.tmp").exists()
 
 
+def test_a_checkpoint_whose_history_has_keys_of_a_later_version_resumes(small: ImageSet, tmp_path: Path) -> None:
+    config = preset("fast", max_steps=6, batch_size=8, val_pairs=50, views=1)
+    Trainer(config, small, tmp_path, CPU).fit(stop_after=3)
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["training"]["history"] = [m | {"val_top5": 0.99} for m in state["training"]["history"]]
+    save_checkpoint(state, tmp_path / "last.pt")
+    result = Trainer(config, small, tmp_path, CPU).fit(resume=tmp_path / "last.pt")  # a TypeError before
+    assert result.history[-1].step == 6
+
+
 def test_a_resumed_run_rewrites_config_json_with_its_settings(small: ImageSet, tmp_path: Path) -> None:
     config = preset("fast", max_steps=4, batch_size=8, val_pairs=50, views=1)
     Trainer(config, small, tmp_path, CPU).fit()

@@ -134,7 +134,7 @@ def _truth(value: str | None, option: str) -> bool | None:
 def _validation_summary(one_shot: float | None, roc_auc: float, accuracy: float, threshold: float) -> str:
     """One validation in the words of ``siamese train``'s closing lines."""
     prefix = "" if one_shot is None else f"val 1-shot {one_shot:.4f}, "
-    return f"{prefix}val ROC AUC {roc_auc:.4f}, val accuracy {accuracy:.4f} at threshold {threshold:.3f}"
+    return f"{prefix}val ROC AUC {roc_auc:.4f}, val accuracy {accuracy:.4f} at threshold {threshold:.4f}"
 
 
 def _summary_of(val: Validation) -> str:
@@ -482,7 +482,7 @@ def evaluate(
     for column in ("protocol", "trials", "accuracy", "95% interval / other"):
         table.add_column(column)
     table.add_row(
-        f"verification pairs ({design.label}, threshold {verification.threshold:.3f})", str(verification.pairs),
+        f"verification pairs ({design.label}, threshold {verification.threshold:.4f})", str(verification.pairs),
         f"{verification.accuracy:.2%}", f"ROC AUC {verification.roc_auc:.4f}, EER {verification.eer:.2%}",
     )
     for result in filter(None, (episodes, official)):

@@ -70,7 +70,7 @@ def roc_figure(
     ax.plot(fpr.numpy(), tpr.numpy(), color="#1f4e9c", linewidth=2,
             label=f"ROC (AUC {roc_auc(scores, same):.4f}, EER {equal_error_rate(scores, same):.2%})")
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance")
-    ax.plot(*point, "o", color=_RED, markersize=8, label=f"threshold {threshold:.3f}")
+    ax.plot(*point, "o", color=_RED, markersize=8, label=f"threshold {threshold:.4f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate (different pairs accepted)",
            ylabel="true-positive rate (same pairs accepted)", title=title)
     ax.set_aspect("equal")

@@ -93,7 +93,7 @@ def test_train_writes_a_run(trained: tuple[subprocess.CompletedProcess, Path]) -
     metrics = torch.load(out / "best.pt", weights_only=True)["metrics"]  # calibrated for 5 views at the end
     assert views_line == (
         f"with 5 views per image: val 1-shot {metrics['one_shot']:.4f}, val ROC AUC {metrics['roc_auc']:.4f}, "
-        f"val accuracy {metrics['accuracy']:.4f} at threshold {metrics['threshold']:.3f}"
+        f"val accuracy {metrics['accuracy']:.4f} at threshold {metrics['threshold']:.4f}"
     )
     assert last_line == f"last checkpoint: {out / 'last.pt'}"
 

@@ -540,7 +540,7 @@ def test_a_pause_names_the_best_epoch_so_far_and_one_before_the_first_epoch_ends
     best = load_checkpoint(tmp_path / "later" / "best.pt")
     assert best["training"]["step"] == 5
     # the line described the pause's validation at step 7 before, a threshold best.pt does not hold
-    assert f"at threshold {best['threshold']:.3f})" in later.stdout.splitlines()[0]
+    assert f"at threshold {best['threshold']:.4f})" in later.stdout.splitlines()[0]
     early = run_cli(*options, "--out", tmp_path / "early", "--stop-after", 3, cwd=tmp_path)
     assert early.code == 0, early.stderr
     assert early.stdout.splitlines()[0] == "no best checkpoint yet: the first epoch ends after the pause"

@@ -57,11 +57,12 @@ def pair_logits(
 
 
 def roc_auc(scores: torch.Tensor, same: torch.Tensor) -> float:
-    """Area under the ROC curve: the probability that a same pair outscores a different one (ties ½)."""
+    """Area under the ROC curve: the probability that a same pair outscores a different one (ties ½); NaN where it
+    means nothing (no same or no different pair, a NaN score)."""
     scores, same = scores.double().cpu(), same.bool().cpu()
-    positives, negatives = int(same.sum()), int((~same).sum())
-    if positives == 0 or negatives == 0:
+    if not _rankable(scores, same):
         return float("nan")
+    positives, negatives = int(same.sum()), int((~same).sum())
     order = scores.argsort()
     ranks = torch.empty_like(scores)
     ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
@@ -71,6 +72,12 @@ def roc_auc(scores: torch.Tensor, same: torch.Tensor) -> float:
     counts = torch.bincount(inverse, minlength=len(unique)).double()
     ranks = (rank_sum / counts)[inverse]
     return float((ranks[same].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _rankable(scores: torch.Tensor, same: torch.Tensor) -> bool:
+    """Whether rates of ``scores`` mean anything: same and different pairs both present, and no NaN score (which
+    sorts above every other)."""
+    return bool(same.any()) and not bool(same.all()) and not bool(scores.isnan().any())
 
 
 def _sweep(scores: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,7 +99,10 @@ def _count_from_top(bins: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def equal_error_rate(scores: torch.Tensor, same: torch.Tensor) -> float:
-    """The error rate where false accepts and false rejects are equal (closest threshold)."""
+    """The error rate where false accepts and false rejects are equal (closest threshold); NaN where it means
+    nothing (no same or no different pair, a NaN score)."""
+    if not _rankable(scores, same.bool()):
+        return float("nan")
     _, false_accept, false_reject = _sweep(scores, same)
     i = int((false_accept - false_reject).abs().argmin())
     return float((false_accept[i] + false_reject[i]) / 2)

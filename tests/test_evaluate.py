@@ -219,3 +219,16 @@ def test_pair_logits_in_chunks_match_one_pass() -> None:
     expected = -(embeddings[first] - embeddings[second]).abs().sum(1)
     torch.testing.assert_close(pair_logits(model, embeddings, pairs, chunk=5), expected)
     torch.testing.assert_close(pair_logits(model, embeddings, pairs), expected)
+
+
+@pytest.mark.parametrize(("scores", "same"), [
+    ([], []),  # an IndexError from the sweep before
+    ([0.2, 0.9], [True, True]),  # no different pair: an EER of 0.0 before
+    ([0.2, 0.9], [False, False]),  # no same pair: 0.5 before
+    ([math.nan, math.nan, 0.9, 0.8], [True, True, False, False]),  # NaN sorted above all: ROC AUC 1.0 before
+], ids=["empty", "all-same", "all-different", "nan-scores"])
+def test_rates_that_mean_nothing_are_nan(scores: list, same: list) -> None:
+    scores, same = torch.tensor(scores, dtype=torch.float64), torch.tensor(same, dtype=torch.bool)
+    assert math.isnan(roc_auc(scores, same)) and math.isnan(equal_error_rate(scores, same))
+    metrics = pair_metrics(scores, same, 0.5)
+    assert math.isnan(metrics.roc_auc) and math.isnan(metrics.eer) and metrics.pairs == len(same)

@@ -48,6 +48,7 @@ class Support:
     embeddings: torch.Tensor  # float32 [M, D], on the CPU
     cache_path: Path | None  # where the embeddings are cached (None: not cached)
     from_cache: bool  # whether they were read from the cache rather than computed
+    model_key: str = ""  # the model that embedded them (see :func:`model_fingerprint`)
 
     @property
     def num_classes(self) -> int:
@@ -153,7 +154,7 @@ def load_support(
     if cache_path is not None and cache_path.is_file():
         embeddings = _read_cache(cache_path, paths, dim)
         if embeddings is not None:
-            return Support(folder, class_names, paths, labels, embeddings, cache_path, from_cache=True)
+            return Support(folder, class_names, paths, labels, embeddings, cache_path, True, model_key)
     pixels = torch.from_numpy(np.stack([decode_image(contents[p], str(folder / p)) for p in paths]))
     embeddings = embed(pixels).float().cpu()
     if cache_path is not None:
@@ -166,7 +167,7 @@ def load_support(
             log.warning("cannot write %s (%s); the support images will be embedded again next time",
                         cache_path, error.strerror)
             cache_path = None
-    return Support(folder, class_names, paths, labels, embeddings, cache_path, from_cache=False)
+    return Support(folder, class_names, paths, labels, embeddings, cache_path, False, model_key)
 
 
 def _write_cache(path: Path, paths: tuple[str, ...], embeddings: torch.Tensor) -> None:

@@ -143,6 +143,9 @@ class Verifier:
             raise ConfigError(f"top_k must be at least 1, not {top_k}")
         if not isinstance(support, Support):
             support = self.load_support(support, cache)
+        elif support.model_key != self.fingerprint:  # its embeddings would be compared with another model's
+            raise ConfigError(f"{support.folder}: the support was embedded by another model; load it with this "
+                              "verifier's load_support")
         items = _single_images(queries)
         names = [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
         scores = class_scores(self.model, self.embed(items), support)
@@ -165,10 +168,12 @@ def _single_images(images: ImageLike | list[ImageLike]) -> list[ImageLike]:
 
 
 def _refuse_colour(array: np.ndarray | torch.Tensor) -> None:
-    """Refuse an array [H, W, 3 or 4], which would be misread as a batch of H images W × 3 pixels wide."""
-    if array.shape[-1] in (3, 4) and min(array.shape[:2]) > 4:
-        raise DataError(f"a {tuple(array.shape)} array holds colour pixels, not gray levels: pass the file path, "
-                        "or convert it first (PIL: Image.convert('L'))")
+    """Refuse an image with its channels last, [H, W, 1 to 4] (gray, gray and alpha, colour), which would be misread
+    as a batch of H images 1 to 4 pixels wide."""
+    if array.shape[-1] <= 4 and min(array.shape[:2]) > 4:
+        raise DataError(f"a {tuple(array.shape)} array is one image with {array.shape[-1]} channel(s), not gray "
+                        "levels [H, W] or a batch [N, H, W]: pass the file path, or convert it first "
+                        "(PIL: Image.convert('L'))")
 
 
 def _gray_levels(image: np.ndarray | torch.Tensor) -> np.ndarray:

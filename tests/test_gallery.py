@@ -244,6 +244,19 @@ def test_a_loaded_support_is_reused_by_classify(verifier: Verifier, alphabet: Pa
     assert verifier.classify(query, support)[0].best.class_name == query.stem
 
 
+def test_a_support_embedded_by_another_model_is_refused(verifier: Verifier, alphabet: Path, tmp_path: Path) -> None:
+    from siamese_omniglot.errors import ConfigError
+    from siamese_omniglot.verify import default_checkpoint
+
+    bundled = Verifier.from_checkpoint(default_checkpoint(), "cpu")  # another network, other embeddings
+    support = bundled.load_support(one_shot_support(alphabet, tmp_path / "support"), cache=False)
+    query = sorted(tmp_path.glob("support/*.png"))[2]
+    assert bundled.classify(query, support)[0].best.class_name == query.stem
+    # a raw RuntimeError where the widths differ before, and rankings by the other model's embeddings where not
+    with pytest.raises(ConfigError, match="the support was embedded by another model; load it with this verifier"):
+        verifier.classify(query, support)
+
+
 def test_cli_classify(tiny_checkpoint: Path, alphabet: Path, run_siamese, tmp_path: Path) -> None:
     support = one_shot_support(alphabet, tmp_path / "support")
     characters = character_folders(alphabet)

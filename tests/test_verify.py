@@ -118,12 +118,13 @@ def test_an_array_that_is_not_gray_levels_is_a_data_error(verifier: Verifier, ar
         verifier.embed(array)
 
 
-@pytest.mark.parametrize("channels", [3, 4])
-def test_a_colour_array_is_a_data_error_not_a_batch(
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])  # gray with a channel axis, gray and alpha, RGB, RGBA
+def test_a_channel_last_array_is_a_data_error_not_a_batch(
     verifier: Verifier, characters: list[list[Path]], channels: int
 ) -> None:
-    colour = np.asarray(Image.open(characters[0][0]).convert("RGBA" if channels == 4 else "RGB"))
-    message = rf"a \(105, 105, {channels}\) array holds colour pixels"
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+    colour = np.asarray(Image.open(characters[0][0]).convert(mode)).reshape(105, 105, channels)
+    message = rf"a \(105, 105, {channels}\) array is one image with {channels} channel\(s\)"  # 1, 2: a batch before
     for call in (
         lambda: verifier.embed(colour),  # read as 105 images 105 × 3 pixels wide before
         lambda: verifier.compare(colour, characters[0][1]),  # a bare ValueError from np.stack before

@@ -31,8 +31,9 @@ PICKLE_MAGIC = b"\x80"  # or, in its legacy format, a pickle
 PREPROCESSING = {
     "canvas_px": 105,
     "ink": "1 - gray / 255 (strokes = 1, paper = 0)",
-    "fit": "pad to square on white, bilinear resize to the canvas, then frame (model_config.frame > 0: the ink's "
-    "bounding box centred, its longer side scaled to that share of the input) or area-resize to the model's input",
+    "fit": "composite on white paper, pad to square on white, bilinear resize to the canvas, then frame "
+    "(model_config.frame > 0: the ink's bounding box centred, its longer side scaled to that share of the input) or "
+    "area-resize to the model's input",
 }
 
 

@@ -191,7 +191,7 @@ class OneShotResult:
 def _result(protocol: str, correct: torch.Tensor, way: int, shot: int) -> OneShotResult:
     hits, trials = int(correct.sum()), int(correct.numel())
     low, high = binomial_interval(hits, trials)
-    return OneShotResult(protocol, way, shot, trials, hits / trials, low, high)
+    return OneShotResult(protocol, way, shot, trials, hits / trials if trials else float("nan"), low, high)
 
 
 @torch.no_grad()

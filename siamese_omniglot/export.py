@@ -152,6 +152,9 @@ def export_onnx(
         model = model.model
     if threshold is None:
         raise ConfigError("a SiameseNetwork carries no calibrated threshold: pass threshold= or a Verifier")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:  # NaN too
+        raise ConfigError(f"threshold {threshold!r} is not a score between 0 and 1")
+    threshold = float(threshold)
     onnx, ort = _onnx_modules()
     if model.config.frame and opset < FRAMING_OPSET:
         # framing sums sampling weights with a scatter-add, which ONNX has only from opset 16 (ScatterElements)

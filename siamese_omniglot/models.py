@@ -305,6 +305,10 @@ def build_model(name: str = "fast", pretrained: bool = False, **overrides) -> Si
     """
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(ModelConfig)})
+    if unknown:  # else ModelConfig.from_dict would blame a checkpoint
+        raise ConfigError(f"ModelConfig has no setting {unknown[0]!r}: choose among "
+                          f"{', '.join(f.name for f in fields(ModelConfig))}")
     base = BACKBONES[name].to_dict() | overrides
     return SiameseNetwork(ModelConfig.from_dict(base), pretrained=pretrained)
 

@@ -232,3 +232,13 @@ def test_rates_that_mean_nothing_are_nan(scores: list, same: list) -> None:
     assert math.isnan(roc_auc(scores, same)) and math.isnan(equal_error_rate(scores, same))
     metrics = pair_metrics(scores, same, 0.5)
     assert math.isnan(metrics.roc_auc) and math.isnan(metrics.eer) and metrics.pairs == len(same)
+
+
+def test_no_trials_score_nan_not_a_division_by_zero() -> None:
+    from siamese_omniglot.data import Episodes
+
+    none = Episodes(torch.zeros(0, 5, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.long))
+    model = build_model("fast")
+    result = one_shot_accuracy(model, torch.zeros(4, model.embedding_dim), none)
+    assert result.trials == 0 and math.isnan(result.accuracy) and math.isnan(result.ci_low)

@@ -174,3 +174,30 @@ def test_cli_export_to_a_file_says_out_names_a_folder(tiny_checkpoint: Path, run
     told = f"error: {tmp_path / 'a.png'}: is a file; --out must name a folder\n"
     assert (result.returncode, result.stderr) == (2, told)
     assert (tmp_path / "a.png").read_bytes() == b"a picture"
+
+
+def test_the_docs_onnx_canvas_is_the_library_s(mini_evaluation: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from siamese_omniglot.data import read_image
+
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    snippet = re.search(r"```python\n(import numpy as np\nimport onnxruntime.*?)\nembed = ", usage, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(snippet, namespace)  # the imports and the canvas function, as a user copies them
+    drawing = sorted(mini_evaluation.glob("*/*/*.png"))[0]
+    strokes = np.asarray(Image.open(drawing).convert("L")) < 128
+    rgba = np.zeros((105, 105, 4), np.uint8)
+    rgba[..., 3] = strokes * 255  # black strokes on a transparent canvas: an all-black canvas before
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+    Image.open(drawing).convert("RGB").resize((80, 120)).save(tmp_path / "colour.png")  # another size, in colour
+    for path in (drawing, tmp_path / "transparent.png", tmp_path / "colour.png"):
+        assert np.array_equal(namespace["canvas"](path), read_image(path)), path
+
+
+@pytest.mark.parametrize("threshold", ["high", float("nan"), 1.5, True])
+def test_a_threshold_that_is_not_a_score_is_refused(threshold, tmp_path: Path) -> None:
+    # written into the metadata before: "high" failed the consumer's float(), NaN decided every pair different
+    with pytest.raises(ConfigError, match="is not a score between 0 and 1"):
+        export_onnx(build_model("fast"), tmp_path / "onnx", threshold=threshold)
+    assert not (tmp_path / "onnx").exists()

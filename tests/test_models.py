@@ -262,3 +262,9 @@ def test_vgg16_matches_the_reference_network(built: dict[str, SiameseNetwork]) -
     assert [type(layer) for layer in model.head] == [nn.Linear, nn.Linear]
     first, second = model.head
     assert (first.in_features, first.out_features, second.in_features, second.out_features) == (4608, 512, 512, 1)
+
+
+def test_an_unknown_model_setting_is_a_config_error_naming_the_settings() -> None:
+    # a CheckpointError, "checkpoint from a newer version?", before: no checkpoint is involved
+    with pytest.raises(ConfigError, match=r"ModelConfig has no setting 'foo': choose among backbone, input_px, "):
+        build_model("fast", foo=1)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import devices
 from .checkpoint import load_checkpoint
-from .data.images import CANVAS_PX, fit_to_canvas, read_image
+from .data.images import CANVAS_PX, fit_to_canvas, image_to_canvas, read_image
 from .errors import CheckpointError, ConfigError, DataError, SiameseError
 from .evaluate import embed_pixels
 from .gallery import Classification, Support, class_scores, load_support, model_fingerprint, rank_classes
 from .models import ModelConfig, SiameseNetwork, fold_batch_norm
 
-ImageLike = str | Path | np.ndarray | torch.Tensor
+ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 
 # The bundled model: the fast preset's trained weights (docs/results.md says which run)
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "fast.pt"
@@ -93,7 +95,8 @@ class Verifier:
             DataError: an array that is not of gray levels: floats, integers outside 0–255, or colour pixels.
         """
         items = _single_images(images)
-        arrays = [read_image(i) if isinstance(i, (str, Path)) else fit_to_canvas(_gray_levels(i)) for i in items]
+        arrays = [read_image(i) if isinstance(i, (str, Path)) else image_to_canvas(i) if isinstance(i, Image.Image)
+                  else fit_to_canvas(_gray_levels(i)) for i in items]
         if not arrays:
             return torch.empty(0, CANVAS_PX, CANVAS_PX, dtype=torch.uint8)
         return torch.from_numpy(np.stack(arrays))
@@ -159,12 +162,15 @@ def _mismatch(error: RuntimeError, limit: int = 160) -> str:
     return reason if len(reason) <= limit else reason[: limit - 1] + "…"
 
 
-def _single_images(images: ImageLike | list[ImageLike]) -> list[ImageLike]:
-    """One image, a list of them or a batch [N, H, W] as a list of single images; colour arrays are refused."""
+def _single_images(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
+    """One image, a list, tuple or iterator of them, or a batch [N, H, W], as a list of single images; colour
+    arrays are refused."""
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
         _refuse_colour(images)
         return list(images)
-    return images if isinstance(images, list) else [images]
+    if isinstance(images, (str, Path, np.ndarray, torch.Tensor, Image.Image)):
+        return [images]
+    return list(images) if isinstance(images, Iterable) else [images]
 
 
 def _refuse_colour(array: np.ndarray | torch.Tensor) -> None:

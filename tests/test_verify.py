@@ -205,3 +205,16 @@ def test_compare_and_eval_work_with_the_bundled_model_alone(
     assert evaluation.returncode == 0, evaluation.stderr
     assert json.loads(evaluation.stdout)["one_shot"]["accuracy"] > 0.6  # chance: 0.2
     assert list(tmp_path.iterdir()) == []  # nothing downloaded, nothing written
+
+
+def test_pil_images_and_any_sequence_of_images_are_read_as_paths_are(
+    verifier: Verifier, characters: list[list[Path]]
+) -> None:
+    paths = [characters[0][0], characters[0][1], characters[1][0]]
+    expected = verifier.embed(paths)
+    with Image.open(paths[0]) as opened:  # mode "1", as Omniglot's PNGs open: refused as "bool values" before
+        assert torch.equal(verifier.pixels(opened), verifier.pixels(paths[0]))
+        assert verifier.compare(opened, paths[1]) == verifier.compare(paths[0], paths[1])
+    # a tuple was one image ("not 1-D"), a generator a raw error
+    assert torch.equal(verifier.embed(tuple(paths)), expected)
+    assert torch.equal(verifier.embed(path for path in paths), expected)

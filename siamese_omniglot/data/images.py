@@ -90,8 +90,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                image = ImageOps.exif_transpose(image)
-                gray = _to_gray(image)
+                return image_to_canvas(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{name}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
@@ -99,7 +98,12 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     except Exception as error:  # Pillow's parsers raise many types on hostile bytes
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{name}: not a readable image ({reason})") from None
-    return fit_to_canvas(gray)
+
+
+def image_to_canvas(image: Image.Image) -> np.ndarray:
+    """A PIL image, of any mode, as :func:`decode_image` makes a file's: EXIF rotation applied, gray on white paper,
+    fitted onto the canvas."""
+    return fit_to_canvas(_to_gray(ImageOps.exif_transpose(image)))
 
 
 def fit_to_canvas(image: Image.Image | np.ndarray) -> np.ndarray:

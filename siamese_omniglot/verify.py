@@ -185,11 +185,16 @@ def _refuse_colour(array: np.ndarray | torch.Tensor) -> None:
 def _gray_levels(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """An array of gray levels [H, W] as uint8, refusing what would be silently misread (floats of ink in [0, 1],
     colour pixels)."""
-    array = image.numpy(force=True) if isinstance(image, torch.Tensor) else np.asarray(image)
+    if isinstance(image, torch.Tensor):
+        array = (image.float() if image.dtype == torch.bfloat16 else image).numpy(force=True)  # numpy has no bf16
+    else:
+        array = np.asarray(image)
     if array.ndim == 3:
         _refuse_colour(array)
     if array.ndim != 2:
         raise DataError(f"an image array is [H, W] of gray levels (or a batch [N, H, W]), not {array.ndim}-D")
+    if array.size == 0:
+        raise DataError(f"a {tuple(array.shape)} image array holds no pixels")
     if array.dtype == np.uint8:
         return array
     if array.dtype.kind not in "iu" or array.size and not 0 <= array.min() <= array.max() <= 255:

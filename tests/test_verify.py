@@ -218,3 +218,12 @@ def test_pil_images_and_any_sequence_of_images_are_read_as_paths_are(
     # a tuple was one image ("not 1-D"), a generator a raw error
     assert torch.equal(verifier.embed(tuple(paths)), expected)
     assert torch.equal(verifier.embed(path for path in paths), expected)
+
+
+@pytest.mark.parametrize(("array", "message"), [
+    (np.zeros((0, 105), np.uint8), r"a \(0, 105\) image array holds no pixels"),  # embedded as an image before
+    (torch.full((105, 105), 255, dtype=torch.bfloat16), "image arrays hold gray levels 0–255"),  # a raw TypeError
+], ids=["no-pixels", "bfloat16"])
+def test_arrays_without_pixels_or_of_bfloat16_are_data_errors(verifier: Verifier, array, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        verifier.embed(array)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +115,11 @@ class Verifier:
         score = self.score(first, second)
         return Comparison(score=score, same=score >= self.threshold, threshold=self.threshold)
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
-        """SHA-256 of the model's config (views included) and weights: the key of cached support embeddings."""
+        """SHA-256 of the model's config (views included) and weights: the key of cached support embeddings.
+
+        Computed at each use (milliseconds), so that it follows weights changed in place."""
         return model_fingerprint(self.model)
 
     def load_support(self, folder: str | Path, cache: bool = True) -> Support:

@@ -292,3 +292,17 @@ def test_cli_classify_without_a_support_folder_is_one_error_line(
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {tmp_path / 'nope'}: no such folder (expected a support folder of " \
                             "<class>/<image> or <class>.png)\n"
+
+
+def test_a_support_cache_follows_weights_changed_in_place(
+    tiny_checkpoint: Path, alphabet: Path, tmp_path: Path
+) -> None:
+    verifier = Verifier.from_checkpoint(tiny_checkpoint, "cpu")  # its own: the module's fixture stays untouched
+    folder = one_shot_support(alphabet, tmp_path / "support")
+    assert not verifier.load_support(folder).from_cache
+    with torch.no_grad():
+        for parameter in verifier.model.parameters():
+            parameter.mul_(0.5)  # fine-tuned in place
+    again = verifier.load_support(folder)
+    assert not again.from_cache  # the first model's embeddings were served from the cache before
+    assert torch.allclose(again.embeddings, verifier.embed(sorted(folder.glob("*.png"))))

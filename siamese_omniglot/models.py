@@ -113,6 +113,8 @@ class FastEmbedding(nn.Module):
         super().__init__()
         if width < 1 or widen < 1:
             raise ConfigError(f"width={width} and widen={widen}: both must be at least 1")
+        if blocks < 1:  # no block at all would be a linear model of the raw pixels
+            raise ConfigError(f"blocks={blocks}: a network needs at least 1 block")
         layers: list[nn.Module] = []
         channels, size = 1, input_px
         pools = blocks if final_pool else blocks - 1  # the first `pools` blocks end in a max-pool

@@ -59,7 +59,8 @@ class Verifier:
     Comparison(score=0.93, same=True, threshold=0.47)
     """
 
-    def __init__(self, model: SiameseNetwork, threshold: float, device: torch.device) -> None:
+    def __init__(self, model: SiameseNetwork, threshold: float, device: str | torch.device) -> None:
+        device = devices.resolve_device(str(device))  # a torch.device too: refused here if absent, not by torch later
         layout = devices.memory_format(device)
         self.model = model.to(device=device, dtype=devices.inference_dtype(device), memory_format=layout).eval()
         self.threshold = threshold
@@ -73,7 +74,7 @@ class Verifier:
         The model embeds with the views its threshold was calibrated for: a checkpoint saved during training
         (before the end of the run recalibrates it for the model's views) uses one view.
         """
-        device = devices.resolve_device(device) if isinstance(device, str) else device
+        device = devices.resolve_device(str(device))
         state = load_checkpoint(path)
         try:
             config = ModelConfig.from_dict(state["model_config"])

@@ -268,3 +268,9 @@ def test_an_unknown_model_setting_is_a_config_error_naming_the_settings() -> Non
     # a CheckpointError, "checkpoint from a newer version?", before: no checkpoint is involved
     with pytest.raises(ConfigError, match=r"ModelConfig has no setting 'foo': choose among backbone, input_px, "):
         build_model("fast", foo=1)
+
+
+@pytest.mark.parametrize("blocks", [0, -1])
+def test_a_network_of_no_blocks_is_refused(blocks: int) -> None:
+    with pytest.raises(ConfigError, match=f"blocks={blocks}: a network needs at least 1 block"):
+        build_model("fast", blocks=blocks)  # a linear model of the raw pixels before

@@ -227,3 +227,15 @@ def test_pil_images_and_any_sequence_of_images_are_read_as_paths_are(
 def test_arrays_without_pixels_or_of_bfloat16_are_data_errors(verifier: Verifier, array, message: str) -> None:
     with pytest.raises(DataError, match=message):
         verifier.embed(array)
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    (torch.device("cuda", 7), "'cuda:7'"),  # torch's own error, later, before
+    (None, "unknown device 'None'"),  # an AttributeError before
+])
+def test_a_device_object_is_checked_as_its_name_is(checkpoint: Path, device, message: str) -> None:
+    from siamese_omniglot.errors import DeviceError
+
+    with pytest.raises(DeviceError, match=message):
+        Verifier.from_checkpoint(checkpoint, device)
+    assert Verifier.from_checkpoint(checkpoint, torch.device("cpu")).device == torch.device("cpu")

@@ -830,3 +830,22 @@ def test_a_thin_image_fits_the_canvas_as_a_line(size: tuple[int, int]) -> None:
     assert len(ink_rows) > 0  # the line is still there, centred
     long_extent = ink_rows if size[1] > size[0] else ink_columns
     assert long_extent.min() == 0 and long_extent.max() == CANVAS_PX - 1
+
+
+@pytest.mark.parametrize(("classes", "message"), [
+    (torch.tensor([2, 2]), "an index is repeated"),  # two names for one class, one of them without images, before
+    (torch.tensor([-1]), r"class indices run from 0 to \d+"),  # the last class, by negative indexing, before
+    (torch.tensor([9999]), r"class indices run from 0 to \d+"),  # a raw IndexError before
+    (torch.tensor([True, False]), "not a mask"),  # classes 1 and 0 before
+], ids=["repeated", "negative", "beyond", "mask"])
+def test_subset_classes_refuses_what_it_would_misread(mini_evaluation: Path, classes, message: str) -> None:
+    images = load_folder(mini_evaluation)
+    with pytest.raises(DataError, match=message):
+        images.subset_classes(classes)
+    assert images.subset_classes(torch.tensor([3, 1])).class_names == (images.class_names[1], images.class_names[3])
+
+
+def test_an_empty_image_set_has_no_trials_to_sample(mini_evaluation: Path) -> None:
+    empty = load_folder(mini_evaluation).subset_classes(torch.tensor([], dtype=torch.long))
+    with pytest.raises(DataError, match=r"no alphabet has 2 characters; choose a smaller --way \(largest: 0\)"):
+        sample_episodes(empty, 2, 1, 1, 0)  # a raw RuntimeError from max() before

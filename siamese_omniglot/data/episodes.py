@@ -40,7 +40,8 @@ def sample_episodes(images: ImageSet, way: int, shot: int, trials: int, seed: in
     class_start, class_count = images.class_ranges()
     eligible = torch.nonzero(group_count >= way).flatten()
     if eligible.numel() == 0:
-        raise DataError(f"no alphabet has {way} characters; choose a smaller --way (largest: {group_count.max()})")
+        largest = int(group_count.max()) if group_count.numel() else 0  # an empty image set has no group
+        raise DataError(f"no alphabet has {way} characters; choose a smaller --way (largest: {largest})")
     if int(class_count.min()) < shot + 1:
         raise DataError(f"{shot}-shot trials need {shot + 1} images per class; some classes have fewer")
     generator = seeded_generator(seed, 13)

@@ -45,8 +45,20 @@ class ImageSet:
         return int(self.labels.numel())
 
     def subset_classes(self, classes: torch.Tensor) -> ImageSet:
-        """The images of the given classes (sorted indices), relabelled 0..len(classes)-1."""
-        classes = torch.as_tensor(classes, dtype=torch.int64).sort().values
+        """The images of the given classes (distinct indices, in any order), relabelled 0..len(classes)-1 in the
+        order of their indices.
+
+        Raises:
+            DataError: a boolean mask (see :meth:`subset_images`), a repeated index, or one outside the classes.
+        """
+        classes = torch.as_tensor(classes)
+        if classes.dtype == torch.bool:
+            raise DataError("subset_classes takes class indices, not a mask: use mask.nonzero().flatten()")
+        classes = classes.to(torch.int64).flatten().sort().values
+        if classes.numel() and not 0 <= int(classes[0]) <= int(classes[-1]) < self.num_classes:
+            raise DataError(f"class indices run from 0 to {self.num_classes - 1}, not {classes.tolist()[:5]}…")
+        if bool((classes[1:] == classes[:-1]).any()):
+            raise DataError("subset_classes takes each class once; an index is repeated")
         remap = torch.full((self.num_classes,), -1, dtype=torch.int64)
         remap[classes] = torch.arange(classes.numel())
         keep = remap[self.labels] >= 0

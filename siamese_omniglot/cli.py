@@ -284,7 +284,7 @@ def train(
                 where = f"{torch_device} × {context.world_size}" if context.enabled else str(torch_device)
 
                 def on_start() -> None:  # the run is accepted: data, checkpoint and --stop-after all fit
-                    _check_writable(run_dir)
+                    _check_writable(run_dir, make=True)
                     announce(f"training preset {config.preset} on {where} → {run_dir}")
 
                 trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, on_start=on_start,
@@ -313,14 +313,17 @@ def train(
                   f"{result.last_checkpoint}", markup=False, highlight=False)
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Make the run folder and refuse it now, not after the first epoch, when nothing can be written there."""
+def _check_writable(folder: Path, make: bool = False) -> None:
+    """Refuse now, before the work, a folder that nothing can be written in: a run folder (``make``: made here) or
+    one for pictures (made when they are drawn, so its nearest existing parent is tried)."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise OutputError(f"{run_dir}: cannot write there ({error.strerror or error})") from None
+        raise OutputError(f"{folder}: cannot write there ({error.strerror or error})") from None
 
 
 def _worker_args(config, resume: Path | None, **given) -> list[str]:
@@ -438,7 +441,7 @@ def evaluate(
             _require_plotting()
             if plot.exists() and not plot.is_dir():
                 raise OutputError(f"{plot}: is a file; --plot names a folder to draw in")
-            _check_can_write_in(plot)
+            _check_writable(plot)
             _check_outside_data(plot, data, "--plot")
         checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
@@ -515,7 +518,7 @@ def compare(
             _require_plotting()
             from .figures import check_png_name
 
-            _check_can_write_in(check_png_name(plot).parent)
+            _check_writable(check_png_name(plot).parent)
         verifier = Verifier.from_checkpoint(checkpoint or default_checkpoint(), device)
         result = verifier.compare(first, second)
         if plot is not None:
@@ -634,21 +637,12 @@ def _one_of(name: str, value, reference_name: str, reference_value):
 def _check_outside_data(folder: Path, data: Path | None, option: str) -> None:
     """Refuse an output folder inside the data's image folders, where its files would be read as images next time
     (a hidden folder there is never read)."""
+    target = folder.resolve()
     for images in image_folders(data):
-        inside = folder.resolve().is_relative_to(images.resolve())
-        if inside and not any(part.startswith(".") for part in folder.resolve().relative_to(images.resolve()).parts):
+        root = images.resolve()
+        if target.is_relative_to(root) and not any(part.startswith(".") for part in target.relative_to(root).parts):
             raise OutputError(f"{folder}: is inside the data tree {images}, whose next load would read its files as "
                               f"images; choose {option} outside it")
-
-
-def _check_can_write_in(folder: Path) -> None:
-    """Refuse now, before the work, a folder for pictures (made when they are drawn) that cannot be written in."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise OutputError(f"{folder}: cannot write there ({error.strerror or error})") from None
 
 
 def _require_plotting() -> None:

@@ -101,6 +101,12 @@ def selection_score(one_shot: float | None, roc_auc: float) -> tuple[float, floa
     return (-math.inf if one_shot is None else one_shot, roc_auc)
 
 
+def _state_score(state: dict) -> tuple[float, float]:
+    """The selection score of the validation a checkpoint's ``state`` records."""
+    metrics = state.get("metrics", {})
+    return selection_score(metrics.get("one_shot"), metrics.get("roc_auc"))
+
+
 @dataclass(frozen=True)
 class Validation:
     """One validation: pair metrics on held-out classes and, where they form trials, 1-shot accuracy, with
@@ -810,8 +816,7 @@ class Trainer:
     def _repair_best(self, state: dict) -> None:
         """Rewrite ``best.pt`` from the resumed state when that state is the best epoch but ``best.pt``
         is missing or older: a crash between saving ``last.pt`` and ``best.pt`` loses nothing."""
-        metrics = state.get("metrics", {})
-        if selection_score(metrics.get("one_shot"), metrics.get("roc_auc")) != tuple(state["training"]["best_score"]):
+        if _state_score(state) != tuple(state["training"]["best_score"]):
             return
         best = self.out_dir / "best.pt"
         try:
@@ -836,8 +841,7 @@ class Trainer:
             log.warning("%s was missing; written from the weights of epoch %d, the best so far, which the checkpoint "
                         "keeps", best, self.top_epochs[0]["epoch"])
             return
-        metrics = state.get("metrics", {})
-        self.best_score = selection_score(metrics.get("one_shot"), metrics.get("roc_auc"))
+        self.best_score = _state_score(state)
         state["training"]["best_score"] = list(self.best_score)
         save_checkpoint(state, best)
         log.warning("%s was missing and the checkpoint keeps no earlier epoch's weights; it starts from the resumed "

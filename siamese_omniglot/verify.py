@@ -199,7 +199,7 @@ def _gray_levels(image: np.ndarray | torch.Tensor) -> np.ndarray:
         raise DataError(f"a {tuple(array.shape)} image array holds no pixels")
     if array.dtype == np.uint8:
         return array
-    if array.dtype.kind not in "iu" or array.size and not 0 <= array.min() <= array.max() <= 255:
+    if array.dtype.kind not in "iu" or not 0 <= array.min() <= array.max() <= 255:
         raise DataError(f"image arrays hold gray levels 0–255 (uint8, 255 = paper), not {array.dtype} values"
                         + ("" if array.dtype.kind not in "iu" else f" from {array.min()} to {array.max()}"))
     return array.astype(np.uint8)

@@ -4,7 +4,9 @@ When a worker fails, torch's launcher prints a traceback of its own (``ChildFail
 worker's message) and exits with code 1; stopped by a signal, another traceback. Here the job ends with the first
 failed worker's exit code: 2 for an error the worker has told, 1 for a crash whose traceback it printed, or
 ``128 + N`` for a worker killed by signal N, which one line names (the worker could say nothing: the kernel's
-out-of-memory killer, a ``kill -9``). A launcher stopped by a signal ends quietly with ``128 + N``.
+out-of-memory killer, a ``kill -9``). A launcher stopped by a signal ends quietly with ``128 + N``. Its log
+folders (empty unless ``--redirects`` or ``--tee`` fill them) go in a temporary folder removed at the end, where
+torch's launcher leaves a ``torchelastic_*`` tree in the temporary folder at each run; ``--log-dir`` keeps them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import tempfile
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -23,6 +26,12 @@ def main(argv: list[str]) -> int:
     # torch's elastic agent logs each worker's exit and each signal it passes on, at levels of their own, errors
     # included: the workers, the line above and the command that started this process tell the user what happened
     logging.disable(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="siamese-launcher-") as logs:
+        return _run([f"--log-dir={logs}", *argv])  # a --log-dir in argv comes later, and wins
+
+
+def _run(argv: list[str]) -> int:
+    """``torch.distributed.run`` with ``argv``; returns the job's exit code."""
     try:
         run_launcher(argv)
     except ChildFailedError as failed:

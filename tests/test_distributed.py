@@ -30,7 +30,8 @@ SMALL = ["--device", "cpu", "--batch-size", "16", "--log-every", "5"]
 
 def torchrun(args: list[str], dump: Path) -> subprocess.CompletedProcess:
     dump.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               f"--log-dir={dump / 'launcher-logs'}", str(WORKER), *args]
     done = subprocess.run(command, env=ENV | {"SIAMESE_TEST_DUMP": str(dump)}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -93,8 +94,13 @@ def test_nproc_per_node_launches_through_torch_distributed_run(mini_background, 
     out = tmp_path / "run"
     command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(out), "--nproc-per-node", "2",
                "--max-steps", "10", *SMALL]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run(command, env=ENV | {"TMPDIR": str(scratch)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # torch's launcher left a torchelastic_* tree of empty log folders there at each run (its compiler's cache, one a
+    # user, stays as torch means it to)
+    assert left_in(scratch) == []
     assert "starting 2 processes through torch.distributed.run" in done.stderr
     assert "on cpu × 2" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == [
@@ -137,10 +143,13 @@ def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_p
     out = tmp_path / "run"
     command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(out), "--nproc-per-node", "2",
                "--epochs", "50", *SMALL]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     with (tmp_path / "stderr").open("w") as stderr:
         # a session of its own: the signal reaches the command alone, as `kill`, a scheduler or `docker stop` send it,
         # or its whole process group, as a terminal's Ctrl-C does
-        parent = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        parent = subprocess.Popen(command, env=ENV | {"TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL, stderr=stderr,
+                                  start_new_session=True)
         deadline = time.monotonic() + 300
         while not re.search(r"^step \d+/", (tmp_path / "stderr").read_text(), re.M) and time.monotonic() < deadline:
             assert parent.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
@@ -154,6 +163,12 @@ def test_stopping_the_launching_command_stops_its_workers(mini_background, tmp_p
     assert not re.search(r"^[WE]\d{4} ", told, re.M), told  # nor the launcher's log lines ("Received 15 death signal")
     # the launcher and its workers have stopped too: they trained on, orphaned, before
     assert running_with(str(out)) == []
+    assert left_in(scratch) == []  # nor its log folders
+
+
+def left_in(scratch: Path) -> list[str]:
+    """What a run left in its temporary folder ``scratch``, torch's compiler cache aside."""
+    return [path.name for path in scratch.iterdir() if not path.name.startswith("torchinductor_")]
 
 
 def running_with(text: str) -> list[int]:

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import inspect
 import json
+import numbers
 import os
 import sys
 import warnings
@@ -152,7 +153,7 @@ def export_onnx(
         model = model.model
     if threshold is None:
         raise ConfigError("a SiameseNetwork carries no calibrated threshold: pass threshold= or a Verifier")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:  # NaN too
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not 0 <= threshold <= 1:  # NaN too
         raise ConfigError(f"threshold {threshold!r} is not a score between 0 and 1")
     threshold = float(threshold)
     onnx, ort = _onnx_modules()

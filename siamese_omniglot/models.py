@@ -142,6 +142,7 @@ class KochEmbedding(nn.Module):
 
     def __init__(self, input_px: int) -> None:
         super().__init__()
+        _check_input_px("koch", input_px, 65)  # 10-px conv, pool, 7-px conv, pool, 4-px conv, pool, 4-px conv
         self.features = nn.Sequential(
             nn.Conv2d(1, 64, 10), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(64, 128, 7), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -162,6 +163,7 @@ class VGG16Embedding(nn.Module):
 
     def __init__(self, input_px: int, pretrained: bool = False) -> None:
         super().__init__()
+        _check_input_px("vgg16", input_px, 32)  # five 2 × 2 max-pools
         from torchvision.models import VGG16_Weights, vgg16
 
         weights = VGG16_Weights.IMAGENET1K_V1 if pretrained else None
@@ -176,6 +178,11 @@ class VGG16Embedding(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images.expand(-1, 3, -1, -1)).flatten(1)
+
+
+def _check_input_px(backbone: str, input_px: int, least: int) -> None:
+    if input_px < least:  # torch would say it in the first forward pass, of the layer where the maps vanish
+        raise ConfigError(f"the {backbone} backbone needs an input of at least {least} px, got {input_px}")
 
 
 def _similarity_head(config: ModelConfig, dim: int) -> nn.Module:

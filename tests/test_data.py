@@ -65,8 +65,8 @@ def first_alphabet(root: Path) -> Path:
 
 def synthetic_set(class_sizes: list[int], class_groups: list[int]) -> ImageSet:
     """An ImageSet of blank images with the given images per class and group per class."""
-    labels = torch.repeat_interleave(torch.arange(len(class_sizes)), torch.tensor(class_sizes))
-    num_groups = max(class_groups) + 1
+    labels = torch.repeat_interleave(torch.arange(len(class_sizes)), torch.tensor(class_sizes, dtype=torch.long))
+    num_groups = max(class_groups, default=-1) + 1
     return ImageSet(
         pixels=torch.full((int(labels.numel()), 4, 4), 255, dtype=torch.uint8),
         labels=labels,
@@ -673,6 +673,16 @@ def test_pair_sampler_is_deterministic(background_images):
     c = sampler.sample(100, seeded_generator(4, 1))
     assert torch.equal(a.first, b.first) and torch.equal(a.second, b.second)
     assert not torch.equal(a.first, c.first)
+
+
+@pytest.mark.parametrize(("class_sizes", "class_groups", "told"),
+                         [([5], [0], "1 classes, 0 of them"), ([3, 1, 4], [0, 0, 1], "3 classes, 1 of them"),
+                          ([], [], "0 classes, 0 of them")])
+def test_pair_sampler_refuses_sets_that_cannot_make_both_kinds_of_pair(class_sizes, class_groups, told):
+    # before: one class made "different" pairs of that class, a lone image "same" pairs of itself, no class a raw error
+    told = f"pairs need at least 2 classes of at least 2 images each; this set has {told}"
+    with pytest.raises(DataError, match=told):
+        PairSampler(synthetic_set(class_sizes, class_groups))
 
 
 def test_pair_sampler_rejects_bad_probability(background_images):

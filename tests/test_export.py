@@ -90,11 +90,13 @@ def test_models_declare_a_dynamic_batch_and_carry_the_threshold(exported: OnnxEx
 
 def test_a_model_that_resizes_without_framing_exports(real_pixels: torch.Tensor, tmp_path: Path) -> None:
     model = build_model("fast", frame=0.0, input_px=40).eval()  # 105 → 40: area ranges that overlap
-    exported = export_onnx(model, tmp_path / "out", threshold=0.5)
+    exported = export_onnx(model, tmp_path / "out", threshold=np.float32(0.25))  # numpy's scalars were refused
     (embeddings,) = session(exported.embedding_path).run(None, {"pixels": real_pixels.numpy()})
     with torch.no_grad():
         expected = model.embed(to_ink(real_pixels)).numpy()
     assert np.abs(embeddings - expected).max() < 1e-4
+    metadata = {p.key: p.value for p in onnx.load(str(exported.scorer_path)).metadata_props}
+    assert json.loads(metadata["siamese.threshold"]) == 0.25
 
 
 def test_a_bare_network_needs_a_threshold(tmp_path: Path) -> None:

@@ -144,6 +144,15 @@ def test_too_small_input_for_the_fast_blocks_is_a_config_error(final_pool: bool,
     assert build_model("fast", input_px=smallest, final_pool=final_pool).embedding_dim == 256
 
 
+@pytest.mark.parametrize(("backbone", "smallest"), [("koch", 65), ("vgg16", 32)])
+def test_too_small_input_for_the_koch_and_vgg16_layers_is_a_config_error(backbone: str, smallest: int) -> None:
+    # before: torch's error in the first forward pass ("Output size is too small"), or at build for koch
+    with pytest.raises(ConfigError, match=f"the {backbone} backbone needs an input of at least {smallest} px, got "
+                                          f"{smallest - 1}"):
+        build_model(backbone, input_px=smallest - 1)
+    assert build_model(backbone, input_px=smallest).eval().embed(torch.rand(1, 1, 105, 105)).isfinite().all()
+
+
 @pytest.mark.parametrize(
     ("input_px", "width", "widen", "blocks", "final_pool", "dim"),
     [

@@ -109,7 +109,12 @@ class PairSampler:
         if not 0 <= within_group <= 1:
             raise DataError(f"within-alphabet negative probability must be in [0, 1], got {within_group}")
         self.within_group = within_group
-        self.class_start, self.class_count = (t.to(device) for t in images.class_ranges())
+        starts, counts = images.class_ranges()
+        small = int((counts < 2).sum())
+        if images.num_classes < 2 or small:  # else "same" pairs of one image twice, or "different" ones of one class
+            raise DataError(f"pairs need at least 2 classes of at least 2 images each; this set has "
+                            f"{images.num_classes} classes, {small} of them with fewer than 2 images")
+        self.class_start, self.class_count = starts.to(device), counts.to(device)
         self.group_start, self.group_count = (t.to(device) for t in images.group_ranges())
         self.class_groups = images.class_groups.to(device)
         self.num_classes = images.num_classes

@@ -77,8 +77,14 @@ class TrainConfig:
             raise ConfigError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}: must be positive")
         if not 0 < self.lr < math.inf:  # NaN too
             raise ConfigError(f"invalid setting lr={self.lr!r}: must be a finite number > 0")
-        if not 0 <= self.elastic < math.inf:  # NaN too
-            raise ConfigError(f"invalid setting elastic={self.elastic!r}: must be a finite number ≥ 0")
+        for name in ("elastic", "weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:  # NaN too
+                raise ConfigError(f"invalid setting {name}={getattr(self, name)!r}: must be a finite number ≥ 0")
+        for name in ("warmup_fraction", "min_lr_fraction", "within_alphabet"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"invalid setting {name}={getattr(self, name)!r}: must be between 0 and 1")
+        if not 0 < self.momentum < 1:  # Nesterov momentum needs some; 1 or more never forgets a gradient
+            raise ConfigError(f"invalid setting momentum={self.momentum!r}: must be between 0 and 1, both excluded")
         if not -(2**63) <= self.seed < 2**63:  # torch.manual_seed takes 64 bits
             raise ConfigError(f"invalid setting seed={self.seed}: must fit in 64 bits (-2**63 to 2**63 - 1)")
         if self.pretrained and self.backbone != "vgg16":

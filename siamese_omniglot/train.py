@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,15 @@ class EpochMetrics:
 
 
 NO_SCORE = (-math.inf, -math.inf)  # the best score of a run before any epoch has ended
+
+
+class EpochSoFar(NamedTuple):
+    """The part of an epoch taken before a pause, carried into the rest of it: its losses summed (the mean over
+    ranks), its steps and its seconds."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0
 
 
 def selection_score(one_shot: float | None, roc_auc: float) -> tuple[float, float]:
@@ -390,6 +400,9 @@ class Trainer:
         self.step_in_epoch = 0
         self.generator_state: torch.Tensor | None = None  # the pair and distortion stream of a paused epoch
         self._epoch_generator: torch.Generator | None = None  # the stream of the epoch under way
+        self.carried = EpochSoFar()  # a paused epoch's part before the pause
+        self._stretch_loss = torch.zeros((), device=device)  # the epoch under way since its start or its resume
+        self._stretch_steps, self._stretch_started = 0, 0.0
         self.best_score = NO_SCORE
         # the `average_best` best epochs so far, best first: {"score", "epoch", "model" (weights on the CPU)}
         self.top_epochs: list[dict] = []
@@ -417,6 +430,12 @@ class Trainer:
                 limits += f", max steps {self.config.max_steps}"
             raise ConfigError(f"the run is already at step {self.step}, past its last step {self.total_steps} "
                               f"({limits})")
+        more_epochs = state is not None and self.config.epochs > state["train_config"]["epochs"]
+        if more_epochs and self.step == self.total_steps < self.config.epochs * self.steps_per_epoch:
+            # the step limit ends the run where it is: the new --epochs would train nothing, and say it did
+            raise ConfigError(f"the run already reached its last step {self.step} (max steps {self.config.max_steps}, "
+                              f"which a resume keeps): pass a larger --max-steps to train to epoch "
+                              f"{self.config.epochs}")
         if stop_after is not None and stop_after <= self.step:
             raise ConfigError(f"stop after step {stop_after}: the run is already at step {self.step}")
         if self.dist.is_main:  # accepted: only now is anything written
@@ -457,15 +476,15 @@ class Trainer:
             generator.set_state(self.generator_state)
             self.generator_state = None
         self._epoch_generator = generator
-        loss_sum = torch.zeros((), device=self.device)
+        self._stretch_loss.zero_()
         interval_loss = torch.zeros((), device=self.device)
-        steps_done, interval_steps = 0, 0
-        started = interval_started = time.perf_counter()
+        self._stretch_steps, interval_steps = 0, 0
+        self._stretch_started = interval_started = time.perf_counter()
         while self.step_in_epoch < self.steps_per_epoch and self.step < self.stop_step:
             loss = self.train_step(order, generator)
-            loss_sum += loss
+            self._stretch_loss += loss
             interval_loss += loss
-            steps_done += 1
+            self._stretch_steps += 1
             interval_steps += 1
             self.step += 1
             self.step_in_epoch += 1
@@ -480,17 +499,25 @@ class Trainer:
                 interval_loss.zero_()
                 interval_steps, interval_started = 0, now
         devices.synchronize(self.device)
-        seconds = time.perf_counter() - started
+        so_far = self._epoch_so_far()
+        self._epoch_generator = None
         if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.epoch, self.step_in_epoch, self.carried = self.epoch + 1, 0, EpochSoFar()
         else:
-            self.generator_state = generator.get_state()
-        images_per_s = steps_done * self.images_per_step / max(seconds, 1e-9)
-        train_loss = float(self.dist.all_reduce_mean(loss_sum)) / max(steps_done, 1)
+            self.generator_state, self.carried = generator.get_state(), so_far
+        images_per_s = so_far.steps * self.images_per_step / max(so_far.seconds, 1e-9)
+        train_loss = so_far.loss_sum / max(so_far.steps, 1)
         # steps since the last log interval, and the last step's update, are checked before anything is saved
         if not math.isfinite(train_loss) or not self._weights_finite():
             raise self._diverged("the loss or the weights stopped being finite")
-        self._end_epoch(train_loss, images_per_s, seconds)
+        self._end_epoch(train_loss, images_per_s, so_far.seconds)
+
+    def _epoch_so_far(self) -> EpochSoFar:
+        """The epoch under way up to now, the part before a pause included (collective: every rank takes part)."""
+        loss_sum = float(self.dist.all_reduce_mean(self._stretch_loss))
+        seconds = time.perf_counter() - self._stretch_started
+        return EpochSoFar(self.carried.loss_sum + loss_sum, self.carried.steps + self._stretch_steps,
+                          self.carried.seconds + seconds)
 
     def _diverged(self, what: str) -> TrainingError:
         """The error that ends a run whose loss or weights are no longer finite: ``what`` happened by this step."""
@@ -579,11 +606,12 @@ class Trainer:
         It gathers every process's random streams, so in a distributed run every rank must call it at the same
         step, which ``on_progress`` (rank 0 only) cannot do; rank 0 validates and writes the file.
         """
-        running = self._epoch_generator is not None and self.step_in_epoch != 0
-        stream = self._epoch_generator.get_state() if running else self.generator_state  # else: a paused epoch's
-        streams = self.dist.gather_objects(stream)  # collective: every rank takes part
+        running = self._epoch_generator is not None  # else at an epoch's start or in a paused one
+        stream = self._epoch_generator.get_state() if running else self.generator_state
+        streams = self.dist.gather_objects(stream)  # collective: every rank takes part, as below
+        so_far = self._epoch_so_far() if running else self.carried
         if self.dist.is_main:
-            save_checkpoint(self._state(self.validate(), streams), path)
+            _write_checkpoint(self._state(self.validate(), streams, so_far), Path(path))
         # rank 0 calibrated the head: every rank goes on with the same one
         self.dist.broadcast([*self.model.head.parameters(), *self.model.buffers()])
         return Path(path)
@@ -704,7 +732,9 @@ class Trainer:
         if self.on_epoch is not None:
             self.on_epoch(metrics)
 
-    def _state(self, val: Validation, generators: list) -> dict:
+    def _state(self, val: Validation, generators: list, so_far: EpochSoFar | None = None) -> dict:
+        """The checkpoint of this moment, validated by ``val``; ``so_far``: the epoch under way (default: the part
+        of a paused epoch before its pause)."""
         return {
             "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(),
@@ -721,6 +751,7 @@ class Trainer:
                 "best_score": list(self.best_score),
                 "top_epochs": self.top_epochs,
                 "generators": generators,  # one per rank; None at an epoch boundary
+                "epoch_so_far": list(self.carried if so_far is None else so_far),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -762,6 +793,7 @@ class Trainer:
         self.step_in_epoch = training["items_in_epoch"] // self.global_batch
         self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
         self._resume_schedule()
+        self.carried = EpochSoFar(*training.get("epoch_so_far", ()))  # none before it was saved: this stretch alone
         generators = training["generators"]
         if len(generators) != self.dist.world_size:
             log.warning("resuming %d processes from %d: new pair streams from here on", self.dist.world_size,
@@ -826,7 +858,7 @@ class Trainer:
         if current != state["training"]["step"]:
             log.warning("%s does not hold the best epoch so far (step %d); writing it from the resumed checkpoint",
                         best, state["training"]["step"])
-            save_checkpoint(state, best)
+            _write_checkpoint(state, best)
 
     def _restore_missing_best(self, state: dict) -> None:
         """Give a run folder without ``best.pt`` (a lone ``last.pt`` resumed elsewhere, a kill while carrying one
@@ -843,14 +875,14 @@ class Trainer:
             return
         self.best_score = _state_score(state)
         state["training"]["best_score"] = list(self.best_score)
-        save_checkpoint(state, best)
+        _write_checkpoint(state, best)
         log.warning("%s was missing and the checkpoint keeps no earlier epoch's weights; it starts from the resumed "
                     "state (step %d)", best, self.step)
 
     def _carry_over(self, state: dict, source: Path) -> None:
         """Start a new run folder for a run resumed from ``source`` elsewhere: ``last.pt`` from the resumed state,
         and ``best.pt`` from the one beside ``source`` while no later epoch has beaten it."""
-        save_checkpoint(state, self.out_dir / "last.pt")
+        _write_checkpoint(state, self.out_dir / "last.pt")
         earlier = source.parent / "best.pt"
         try:
             carried = load_checkpoint(earlier) if earlier.exists() else None
@@ -859,7 +891,7 @@ class Trainer:
             carried = None
         training = carried.get("training") if carried is not None else None
         if isinstance(training, dict) and training.get("best_score") == state["training"]["best_score"]:
-            save_checkpoint(carried, self.out_dir / "best.pt")
+            _write_checkpoint(carried, self.out_dir / "best.pt")
 
     def _prepare_out_dir(self) -> None:
         try:

@@ -38,6 +38,7 @@ from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.augment import random_distortion, sampling_grid
 from siamese_omniglot.data.folders import decode_index, index_paths
 from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
+from siamese_omniglot.data.pairs import split_images
 from siamese_omniglot.errors import ConfigError, DataError
 
 FIRST_BACKGROUND_PNG = "images_background/Alphabet_of_the_Magi/character01/0709_01.png"
@@ -688,6 +689,15 @@ def test_pair_sampler_refuses_sets_that_cannot_make_both_kinds_of_pair(class_siz
 def test_pair_sampler_rejects_bad_probability(background_images):
     with pytest.raises(DataError, match=r"must be in \[0, 1\], got 1.5"):
         PairSampler(background_images, 1.5)
+
+
+@pytest.mark.parametrize(("fraction", "held"), [(0.1, [1, 1, 2]), (0.5, [1, 2, 10]), (0.9, [1, 2, 18])])
+def test_an_image_split_keeps_two_images_of_every_class_to_train_on(fraction: float, held: list[int]) -> None:
+    images = synthetic_set([3, 4, 20], [0, 0, 1])
+    train, val = split_images(images, fraction, seed=3)
+    # before: 0.5 left a 3-image class one image ("same" pairs of it with itself), 0.9 none (a raw ZeroDivisionError)
+    assert val.class_ranges()[1].tolist() == held
+    assert train.class_ranges()[1].tolist() == [3 - held[0], 4 - held[1], 20 - held[2]]
 
 
 # --- episodes.py -----------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from siamese_omniglot.data import ImageSet, decode_image, load_folder, read_imag
 from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.omniglot import BACKGROUND, fetch_archive, find_split, load_split
 from siamese_omniglot.data.pairs import seeded_generator
-from siamese_omniglot.errors import ConfigError, DataError
+from siamese_omniglot.errors import ConfigError, DataError, OutputError
 from siamese_omniglot.models import build_model
 from siamese_omniglot.train import Trainer, warm_cosine
 
@@ -403,21 +403,38 @@ def test_stop_after_and_resume_is_bitwise_equal_to_an_unpaused_run(
     assert [entry["epoch"] for entry in last.top_epochs] == [entry["epoch"] for entry in whole.top_epochs]
     assert_same_tensors(model_tensors(load_checkpoint(out / "best.pt")),
                         model_tensors(load_checkpoint(tmp_path / "whole" / "best.pt")))
+    # each epoch's loss is over all its steps: an epoch a pause cut had its last part's alone before
+    unpaused = [m.train_loss for m in whole.history]
+    assert [m.train_loss for m in result.history if not m.paused] == pytest.approx(unpaused, rel=1e-5)
 
 
-def test_a_snapshot_taken_mid_epoch_resumes_exactly(small: ImageSet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("at", ["mid-epoch", "epoch-end"])
+def test_a_snapshot_taken_during_an_epoch_resumes_exactly(small: ImageSet, tmp_path: Path, at: str) -> None:
     config = preset("fast", epochs=2, batch_size=8, val_pairs=50, log_every=1, views=1)
     whole = Trainer(config, small, tmp_path / "whole", CPU)
     whole.fit()
     snapshot = tmp_path / "snapshot.pt"
     paused = Trainer(config, small, tmp_path / "first", CPU)
-    paused.on_progress = lambda progress: paused.step == 3 and paused.save_snapshot(snapshot)
+    step = 3 if at == "mid-epoch" else paused.steps_per_epoch  # from on_progress, before the epoch closes
+    assert step < paused.steps_per_epoch or at == "epoch-end"
+    paused.on_progress = lambda progress: paused.step == step and paused.save_snapshot(snapshot)
     paused.fit()
     assert load_checkpoint(snapshot)["training"]["generators"][0] is not None  # None before: a repeated epoch start
     resumed = Trainer(config, small, tmp_path / "resumed", CPU)
-    resumed.fit(resume=snapshot)
+    result = resumed.fit(resume=snapshot)
     assert_same_tensors(model_tensors(load_checkpoint(tmp_path / "resumed" / "last.pt")),
                         model_tensors(load_checkpoint(tmp_path / "whole" / "last.pt")))
+    # at an epoch's end the resumed epoch had no step left: it was logged with a loss and throughput of 0.0
+    assert [m.train_loss for m in result.history] == pytest.approx([m.train_loss for m in whole.history], rel=1e-5)
+    assert all(m.images_per_s > 0 for m in result.history)
+
+
+def test_a_snapshot_that_cannot_be_written_is_an_output_error(small: ImageSet, tmp_path: Path) -> None:
+    trainer = Trainer(preset("fast", max_steps=2, batch_size=8, val_pairs=50, views=1), small, tmp_path / "run", CPU)
+    trainer.fit()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OutputError, match="a-file/snapshot.pt: cannot write"):  # a bare NotADirectoryError before
+        trainer.save_snapshot(tmp_path / "a-file" / "snapshot.pt")
 
 
 def test_a_snapshot_of_a_restored_pause_keeps_its_stream(small: ImageSet, tmp_path: Path) -> None:
@@ -958,6 +975,18 @@ def test_resume_refuses_an_end_before_the_step_reached(tiny_tree: Path, tmp_path
     run = run_cli(*TRAIN[:3], "--resume", out / "last.pt", "--data", tiny_tree, "--max-steps", 2, cwd=tmp_path)
     assert_refused(run, "the run is already at step 3, past its last step 2 (epochs 2, max steps 2)")
     assert {path.name: path.read_bytes() for path in out.glob("*.pt")} == before
+
+
+def test_resume_refuses_more_epochs_that_the_kept_step_limit_would_not_train(tiny_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ended = run_cli(*TRAIN, "--data", tiny_tree, "--out", out, "--epochs", 1, "--max-steps", 2, cwd=tmp_path)
+    assert ended.code == 0, ended.stderr
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    # before: no step taken, the old result printed again, exit code 0, and config.json saying 3 epochs
+    run = run_cli(*TRAIN[:3], "--resume", out / "last.pt", "--data", tiny_tree, "--epochs", 3, cwd=tmp_path)
+    assert_refused(run, "the run already reached its last step 2 (max steps 2, which a resume keeps): pass a larger "
+                        "--max-steps to train to epoch 3")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_resume_reports_progress_at_a_new_interval(tiny_tree: Path, tmp_path: Path) -> None:

@@ -352,6 +352,19 @@ def test_elastic_must_be_a_number_not_below_zero(elastic: float) -> None:
         preset("fast", elastic=elastic)
 
 
+@pytest.mark.parametrize(("setting", "value", "told"), [
+    ("weight_decay", -1e-4, "must be a finite number ≥ 0"),
+    ("warmup_fraction", -1.0, "must be between 0 and 1"),
+    ("min_lr_fraction", float("nan"), "must be between 0 and 1"),  # the schedule's lr became NaN: "lower --lr"
+    ("within_alphabet", 1.5, "must be between 0 and 1"),
+    ("momentum", 0.0, "must be between 0 and 1, both excluded"),  # torch's ValueError about Nesterov momentum before
+    ("momentum", 1.0, "must be between 0 and 1, both excluded"),
+])
+def test_optimiser_schedule_and_negative_settings_out_of_range_are_config_errors(setting, value, told) -> None:
+    with pytest.raises(ConfigError, match=f"invalid setting {setting}={value!r}: {told}"):
+        preset("fast", **{setting: value})
+
+
 def test_a_checkpoint_from_before_elastic_distortion_resumes_without_it() -> None:
     older = preset("fast").to_dict()
     del older["elastic"]

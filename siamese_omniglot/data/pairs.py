@@ -85,7 +85,8 @@ def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet
     """Split into (train, validation) by holding out a seeded ``fraction`` of every class's images.
 
     This is the reference's protocol (a 90/10 split of ``images_background``): validation then measures
-    new drawings of characters seen in training, not characters never seen.
+    new drawings of characters seen in training, not characters never seen. Every class keeps 2 images to
+    train on and holds out 1 at least, whatever the fraction.
     """
     if not 0 < fraction < 1:
         raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
@@ -97,7 +98,7 @@ def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet
     order = torch.argsort(images.labels * 2 + ranks, stable=True)
     position = torch.empty(len(images), dtype=torch.int64)
     position[order] = torch.arange(len(images)) - start[images.labels[order]]
-    held = (count.float() * fraction).round().long().clamp(min=1, max=None)
+    held = torch.minimum((count.float() * fraction).round().long().clamp(min=1), count - 2)
     val = position < held[images.labels]
     return images.subset_images(~val), images.subset_images(val)
 

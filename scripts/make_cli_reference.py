@@ -10,6 +10,7 @@ when the page is out of date.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -60,9 +61,12 @@ def render() -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="Write docs/cli.md from the siamese command's help.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/cli.md is out of date; write nothing")
+    check = parser.parse_args().check  # --help or a typo writes nothing either
     os.environ.pop("FORCE_COLOR", None)
     page = render()
-    if "--check" in sys.argv[1:]:
+    if check:
         if not PAGE.exists() or PAGE.read_text() != page:
             print(f"{PAGE.relative_to(REPO)} is out of date: run python scripts/make_cli_reference.py",
                   file=sys.stderr)

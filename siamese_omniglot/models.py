@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .data.framing import frame_ink, resize_to
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +266,18 @@ class SiameseNetwork(nn.Module):
 
         Outside training each vector averages ``views`` shifted views (default: ``config.views``).
         """
+        if images.dim() != 4 or images.shape[1] != 1 or not images.is_floating_point():
+            # else torch's error from a layer within, or, for three channels, vectors of nothing meant
+            kind = str(images.dtype).removeprefix("torch.")
+            raise DataError(f"embed takes float ink images [N, 1, H, W] (0 paper, 1 ink), got {kind} "
+                            f"{list(images.shape)}; siamese_omniglot.data.to_ink makes them of uint8 canvases")
         return self.embedding(images, views)
 
     def score_embeddings(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """Same-class logits [N] for pairs of embeddings [N, D] (broadcasting allowed)."""
+        if first.shape[-1] != self.embedding_dim or second.shape[-1] != self.embedding_dim:
+            raise DataError(f"score_embeddings takes embeddings of {self.embedding_dim} values, got "
+                            f"{first.shape[-1]} and {second.shape[-1]}")
         return self.head((first - second).abs()).squeeze(-1)
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

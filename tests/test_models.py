@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from siamese_omniglot.errors import CheckpointError, ConfigError
+from siamese_omniglot.errors import CheckpointError, ConfigError, DataError
 from siamese_omniglot.models import (
     BACKBONES,
     VIEW_SHIFTS,
@@ -142,6 +142,26 @@ def test_too_small_input_for_the_fast_blocks_is_a_config_error(final_pool: bool,
     with pytest.raises(ConfigError, match=f"4 blocks need an input of at least {smallest} px, got {smallest - 1}"):
         build_model("fast", input_px=smallest - 1, final_pool=final_pool)
     assert build_model("fast", input_px=smallest, final_pool=final_pool).embedding_dim == 256
+
+
+@pytest.mark.parametrize(
+    "images",
+    [torch.zeros(2, 1, 105, 105, dtype=torch.uint8), torch.rand(2, 105, 105), torch.rand(2, 3, 105, 105)],
+    ids=["uint8-canvases", "no-channel-axis", "three-channels"],
+)
+def test_embed_refuses_what_is_not_float_ink_of_one_channel(images: torch.Tensor) -> None:
+    # before: torch's errors from within (a dtype or unpacking error), or vectors of nothing meant for 3 channels
+    with pytest.raises(DataError, match=rf"embed takes float ink images \[N, 1, H, W\].*{list(images.shape)}"):
+        build_model("fast").eval().embed(images)
+
+
+def test_score_embeddings_refuses_vectors_of_another_width() -> None:
+    model = build_model("fast").eval()
+    width = model.embedding_dim
+    vectors = torch.rand(3, width)
+    with pytest.raises(DataError, match=f"embeddings of {width} values, got {width} and 10"):
+        model.score_embeddings(vectors, vectors[:, :10])
+    assert model.score_embeddings(vectors, vectors[:1]).shape == (3,)  # broadcasting, as before
 
 
 @pytest.mark.parametrize(("backbone", "smallest"), [("koch", 65), ("vgg16", 32)])

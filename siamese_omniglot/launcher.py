@@ -4,9 +4,9 @@ When a worker fails, torch's launcher prints a traceback of its own (``ChildFail
 worker's message) and exits with code 1; stopped by a signal, another traceback. Here the job ends with the first
 failed worker's exit code: 2 for an error the worker has told, 1 for a crash whose traceback it printed, or
 ``128 + N`` for a worker killed by signal N, which one line names (the worker could say nothing: the kernel's
-out-of-memory killer, a ``kill -9``). A launcher stopped by a signal ends quietly with ``128 + N``. Its log
-folders (empty unless ``--redirects`` or ``--tee`` fill them) go in a temporary folder removed at the end, where
-torch's launcher leaves a ``torchelastic_*`` tree in the temporary folder at each run; ``--log-dir`` keeps them.
+out-of-memory killer, a ``kill -9``). A launcher stopped by a signal ends quietly with ``128 + N``. Unless a log
+folder, ``--redirects`` or ``--tee`` is asked for (by option or ``PET_*`` variable), its log folders, empty then, go
+in a temporary folder removed at the end: torch's launcher leaves a ``torchelastic_*`` tree of them at each run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tempfile
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser
 from torch.distributed.run import main as run_launcher
 
 
@@ -26,8 +27,11 @@ def main(argv: list[str]) -> int:
     # torch's elastic agent logs each worker's exit and each signal it passes on, at levels of their own, errors
     # included: the workers, the line above and the command that started this process tell the user what happened
     logging.disable(logging.ERROR)
+    asked = get_args_parser().parse_args(argv)  # what torch's launcher reads of them, PET_* variables included
+    if asked.log_dir is not None or asked.redirects != "0" or asked.tee != "0":
+        return _run(argv)
     with tempfile.TemporaryDirectory(prefix="siamese-launcher-") as logs:
-        return _run([f"--log-dir={logs}", *argv])  # a --log-dir in argv comes later, and wins
+        return _run([f"--log-dir={logs}", *argv])
 
 
 def _run(argv: list[str]) -> int:

@@ -99,10 +99,11 @@ NO_SCORE = (-math.inf, -math.inf)  # the best score of a run before any epoch ha
 
 class EpochSoFar(NamedTuple):
     """The part of an epoch taken before a pause, carried into the rest of it: its losses summed (the mean over
-    ranks), its steps and its seconds."""
+    ranks), its steps, the images they took (over all ranks; a resume may change the batch) and its seconds."""
 
     loss_sum: float = 0.0
     steps: int = 0
+    images: int = 0
     seconds: float = 0.0
 
 
@@ -366,7 +367,7 @@ class Trainer:
             train.pixels, input_px * self.supersample, device, staging, to_input=self.model.embedding.to_input
         )
         self.labels = train.labels.to(device)
-        self.sampler = PairSampler(train, config.within_alphabet, device)
+        self.sampler = PairSampler(train, config.within_alphabet, device) if config.objective == "pair" else None
         self.calibration_pairs = fixed_pairs(val, config.val_pairs, config.seed + 1, config.within_alphabet)
         self.val_pairs = fixed_pairs(val, config.val_pairs, config.seed + 2, config.within_alphabet)
         self.val_episodes = validation_episodes(val, config.val_trials, config.seed + 3)
@@ -430,12 +431,13 @@ class Trainer:
                 limits += f", max steps {self.config.max_steps}"
             raise ConfigError(f"the run is already at step {self.step}, past its last step {self.total_steps} "
                               f"({limits})")
-        more_epochs = state is not None and self.config.epochs > state["train_config"]["epochs"]
-        if more_epochs and self.step == self.total_steps < self.config.epochs * self.steps_per_epoch:
-            # the step limit ends the run where it is: the new --epochs would train nothing, and say it did
-            raise ConfigError(f"the run already reached its last step {self.step} (max steps {self.config.max_steps}, "
-                              f"which a resume keeps): pass a larger --max-steps to train to epoch "
-                              f"{self.config.epochs}")
+        saved = state["train_config"] if state is not None else {}
+        kept_limit = self.config.max_steps is not None and self.config.max_steps == saved.get("max_steps")
+        more_epochs = kept_limit and self.config.epochs > saved["epochs"]
+        if more_epochs and self.total_steps < self.config.epochs * self.steps_per_epoch:
+            # the new --epochs would change nothing but config.json: the step limit still ends the run
+            raise ConfigError(f"--epochs {self.config.epochs}: the run's max steps {self.config.max_steps}, which a "
+                              f"resume keeps, end it at step {self.total_steps} first; pass a larger --max-steps too")
         if stop_after is not None and stop_after <= self.step:
             raise ConfigError(f"stop after step {stop_after}: the run is already at step {self.step}")
         if self.dist.is_main:  # accepted: only now is anything written
@@ -476,7 +478,7 @@ class Trainer:
             generator.set_state(self.generator_state)
             self.generator_state = None
         self._epoch_generator = generator
-        self._stretch_loss.zero_()
+        self._stretch_loss.fill_(self.carried.loss_sum)  # as a run never paused sums it, to the last bit
         interval_loss = torch.zeros((), device=self.device)
         self._stretch_steps, interval_steps = 0, 0
         self._stretch_started = interval_started = time.perf_counter()
@@ -505,7 +507,7 @@ class Trainer:
             self.epoch, self.step_in_epoch, self.carried = self.epoch + 1, 0, EpochSoFar()
         else:
             self.generator_state, self.carried = generator.get_state(), so_far
-        images_per_s = so_far.steps * self.images_per_step / max(so_far.seconds, 1e-9)
+        images_per_s = so_far.images / max(so_far.seconds, 1e-9)
         train_loss = so_far.loss_sum / max(so_far.steps, 1)
         # steps since the last log interval, and the last step's update, are checked before anything is saved
         if not math.isfinite(train_loss) or not self._weights_finite():
@@ -514,10 +516,10 @@ class Trainer:
 
     def _epoch_so_far(self) -> EpochSoFar:
         """The epoch under way up to now, the part before a pause included (collective: every rank takes part)."""
-        loss_sum = float(self.dist.all_reduce_mean(self._stretch_loss))
-        seconds = time.perf_counter() - self._stretch_started
-        return EpochSoFar(self.carried.loss_sum + loss_sum, self.carried.steps + self._stretch_steps,
-                          self.carried.seconds + seconds)
+        loss_sum = float(self.dist.all_reduce_mean(self._stretch_loss))  # every rank's sum started at the carried one
+        images = self.carried.images + self._stretch_steps * self.images_per_step
+        seconds = self.carried.seconds + time.perf_counter() - self._stretch_started
+        return EpochSoFar(loss_sum, self.carried.steps + self._stretch_steps, images, seconds)
 
     def _diverged(self, what: str) -> TrainingError:
         """The error that ends a run whose loss or weights are no longer finite: ``what`` happened by this step."""
@@ -770,7 +772,7 @@ class Trainer:
         saved = ModelConfig.from_dict(state["model_config"])
         if saved != self.model.config:
             raise CheckpointError(f"{path}: was trained with {saved}, not {self.model.config}; use the same preset")
-        if TrainConfig.from_dict(state["train_config"]).objective != self.config.objective:
+        if state["train_config"].get("objective", TrainConfig.objective) != self.config.objective:
             raise CheckpointError(f"{path}: was trained with another objective; use the same preset")
         if state.get("classes", {}).get("train") != list(self.train_set.class_names):
             raise CheckpointError(f"{path}: was trained on other data or another split; use the same --data")

@@ -38,7 +38,7 @@ from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.augment import random_distortion, sampling_grid
 from siamese_omniglot.data.folders import decode_index, index_paths
 from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
-from siamese_omniglot.data.pairs import split_images
+from siamese_omniglot.data.pairs import fixed_pairs, split_images
 from siamese_omniglot.errors import ConfigError, DataError
 
 FIRST_BACKGROUND_PNG = "images_background/Alphabet_of_the_Magi/character01/0709_01.png"
@@ -691,13 +691,20 @@ def test_pair_sampler_rejects_bad_probability(background_images):
         PairSampler(background_images, 1.5)
 
 
-@pytest.mark.parametrize(("fraction", "held"), [(0.1, [1, 1, 2]), (0.5, [1, 2, 10]), (0.9, [1, 2, 18])])
-def test_an_image_split_keeps_two_images_of_every_class_to_train_on(fraction: float, held: list[int]) -> None:
-    images = synthetic_set([3, 4, 20], [0, 0, 1])
+@pytest.mark.parametrize(("fraction", "held"), [(0.1, [2, 2, 2]), (0.5, [2, 2, 10]), (0.9, [2, 3, 18])])
+def test_an_image_split_keeps_two_images_of_every_class_on_each_side(fraction: float, held: list[int]) -> None:
+    images = synthetic_set([4, 5, 20], [0, 0, 1])
     train, val = split_images(images, fraction, seed=3)
-    # before: 0.5 left a 3-image class one image ("same" pairs of it with itself), 0.9 none (a raw ZeroDivisionError)
+    # before: 0.1 held out one image of the small classes (no validation pairs to make of them), 0.9 all but one or
+    # none to train on (its "same" pairs one image twice, or a raw ZeroDivisionError)
     assert val.class_ranges()[1].tolist() == held
-    assert train.class_ranges()[1].tolist() == [3 - held[0], 4 - held[1], 20 - held[2]]
+    assert train.class_ranges()[1].tolist() == [4 - held[0], 5 - held[1], 20 - held[2]]
+    fixed_pairs(val, 50, seed=1)  # validation pairs of every class: refused with one image in a class
+
+
+def test_an_image_split_refuses_classes_of_fewer_than_four_images() -> None:
+    with pytest.raises(DataError, match=r"needs at least 4 images per class \(2 to train on, 2 to validate\)"):
+        split_images(synthetic_set([4, 3, 20], [0, 0, 1]), 0.1, seed=3)
 
 
 # --- episodes.py -----------------------------------------------------------------------------------

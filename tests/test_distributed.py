@@ -123,6 +123,25 @@ def test_a_worker_killed_without_a_word_is_named_by_the_launcher(tmp_path):
                                                                     "SIGKILL\n")
 
 
+@pytest.mark.parametrize("asked", ["options", "variables"])
+def test_the_launcher_keeps_the_worker_logs_asked_for(tmp_path, asked):
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os\nprint('rank', os.environ['RANK'])\n")
+    logs, scratch = tmp_path / "logs", tmp_path / "tmp"
+    scratch.mkdir()
+    options = {"options": [f"--log-dir={logs}", "--redirects=3"], "variables": []}[asked]
+    variables = {"options": {}, "variables": {"PET_LOG_DIR": str(logs), "PET_REDIRECTS": "3"}}[asked]
+    command = [sys.executable, "-m", "siamese_omniglot.launcher", "--standalone", "--nproc-per-node=2", *options,
+               str(worker)]
+    done = subprocess.run(command, env=ENV | variables | {"TMPDIR": str(scratch)}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    # the workers' output, redirected into the log folder asked for, is kept there
+    told = sorted(path.read_text() for path in logs.glob("*/attempt_0/*/stdout.log"))
+    assert told == ["rank 0\n", "rank 1\n"]
+    assert left_in(scratch) == []
+
+
 def test_an_error_every_worker_meets_is_told_once_with_exit_code_2(mini_background, tmp_path):
     command = [SIAMESE, "train", "--data", str(mini_background), "--out", str(tmp_path / "run"),
                "--nproc-per-node", "2", "--max-steps", "10", *SMALL[:2], "--batch-size", "100000"]

@@ -86,19 +86,19 @@ def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet
 
     This is the reference's protocol (a 90/10 split of ``images_background``): validation then measures
     new drawings of characters seen in training, not characters never seen. Every class keeps 2 images to
-    train on and holds out 1 at least, whatever the fraction.
+    train on and holds out 2, to make validation pairs of, at least, whatever the fraction.
     """
     if not 0 < fraction < 1:
         raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
     start, count = images.class_ranges()
-    if int(count.min()) < 3:
-        raise DataError("an image split needs at least 3 images per class (2 to train on, 1 to validate)")
+    if int(count.min()) < 4:
+        raise DataError("an image split needs at least 4 images per class (2 to train on, 2 to validate)")
     ranks = torch.rand(len(images), generator=seeded_generator(seed, 19))
     # rank of each image within its class (images of a class are contiguous)
     order = torch.argsort(images.labels * 2 + ranks, stable=True)
     position = torch.empty(len(images), dtype=torch.int64)
     position[order] = torch.arange(len(images)) - start[images.labels[order]]
-    held = torch.minimum((count.float() * fraction).round().long().clamp(min=1), count - 2)
+    held = torch.minimum((count.float() * fraction).round().long().clamp(min=2), count - 2)
     val = position < held[images.labels]
     return images.subset_images(~val), images.subset_images(val)
 

@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from official_runs import run_bootstrap, run_hits
 from results_table import insert_row
 
 import siamese_omniglot as so
@@ -27,6 +28,7 @@ from siamese_omniglot.evaluate import embed_pixels, pair_logits
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 SNAPSHOT_MINUTES = (5, 10)
+DRAWER_RUNS = 500  # 10,000 trials: the runs' accuracies spread 11.5 points, so their mean 0.5
 
 
 def evaluate_checkpoint(
@@ -37,8 +39,11 @@ def evaluate_checkpoint(
     seed: int,
     trials: int,
     ways: tuple[int, int] = (20, 5),
+    drawer_runs: int = DRAWER_RUNS,
 ) -> dict:
-    """Every protocol of the results table for one checkpoint (``ways``: the two N-way settings)."""
+    """Every protocol of the results table for one checkpoint (``ways``: the two N-way settings; ``seed``: the
+    sampled trials', pairs' and drawer runs'). Drawer runs get an interval from resampling whole runs, whose trials
+    share an alphabet, characters and drawers; the others a Wilson interval over independent trials."""
     verifier = so.Verifier.from_checkpoint(checkpoint, device)
     model = verifier.model
     embeddings = embed_pixels(model, evaluation.pixels, device)
@@ -49,10 +54,13 @@ def evaluate_checkpoint(
         metrics = so.pair_metrics(pair_logits(model, embeddings, pairs), pairs.same, verifier.threshold)
         return metrics.to_dict() | {"negatives": design.label}
 
-    drawer_runs = sample_drawer_runs(evaluation, max(1, trials // ways[0]), seed, way=ways[0])
+    hits = run_hits(model, embeddings, sample_drawer_runs(evaluation, drawer_runs, seed, way=ways[0]), drawer_runs)
+    low, high = run_bootstrap(hits)
     return {
         "lake_runs": so.lake_runs_accuracy(model, runs, device).to_dict(),
-        "drawer_runs": so.one_shot_accuracy(model, embeddings, drawer_runs).to_dict(),
+        "drawer_runs": {"protocol": "drawer runs", "way": ways[0], "shot": 1, "runs": drawer_runs,
+                        "trials": hits.numel(), "accuracy": hits.float().mean().item(), "ci_low": low, "ci_high": high,
+                        "interval": "runs resampled"},
         **{
             f"way{way}": so.one_shot_accuracy(model, embeddings, so.sample_episodes(evaluation, way, 1, trials, seed))
             .to_dict()
@@ -99,8 +107,11 @@ def main() -> None:
     parser.add_argument("--mirror", default=None, help="mirror for missing archives")
     parser.add_argument("--runs", required=True, help="Lake's all_runs.zip")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trials", type=int, default=2000, help="sampled trials per one-shot protocol")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (it picks the validation alphabets too)")
+    parser.add_argument("--eval-seed", type=int, default=0,
+                        help="seed of the sampled test trials, pairs and drawer runs: the same for every --seed")
+    parser.add_argument("--trials", type=int, default=2000, help="sampled N-way trials, and pairs of each kind")
+    parser.add_argument("--drawer-runs", type=int, default=DRAWER_RUNS, help="fresh runs of Lake's design")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
     parser.add_argument("--out", default="logs/bench-accuracy", help="run folder (must be new)")
@@ -136,7 +147,8 @@ def main() -> None:
         "device": f"{device} ({platform.processor() or platform.machine()}, torch {torch.__version__})",
         "train_minutes": train_minutes,
         "command": "python " + shlex.join(sys.argv),
-        **evaluate_checkpoint(result.best_checkpoint, evaluation, runs, device, args.seed, args.trials),
+        **evaluate_checkpoint(result.best_checkpoint, evaluation, runs, device, args.eval_seed, args.trials,
+                              drawer_runs=args.drawer_runs),
         "snapshots": {
             mark: so.lake_runs_accuracy(so.Verifier.from_checkpoint(path, device).model, runs, device).accuracy
             for mark, path in snapshots.items()

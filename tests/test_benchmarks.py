@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import siamese_omniglot as so
-from siamese_omniglot.evaluate import embed_pixels
+from siamese_omniglot.evaluate import binomial_interval, embed_pixels
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -33,9 +33,10 @@ def test_accuracy_report_has_every_protocol_with_its_trial_count(tiny_checkpoint
     accuracy = _load("accuracy")
     evaluation = so.load_evaluation_set(mini_evaluation)
     runs = so.load_lake_runs(shared_omniglot / "all_runs.zip")
-    report = accuracy.evaluate_checkpoint(tiny_checkpoint, evaluation, runs, torch.device("cpu"), 0, 60, ways=(5, 3))
+    report = accuracy.evaluate_checkpoint(tiny_checkpoint, evaluation, runs, torch.device("cpu"), 0, 60, ways=(5, 3),
+                                          drawer_runs=12)
     assert report["lake_runs"]["trials"] == 400
-    assert report["drawer_runs"]["trials"] == 60  # 12 runs of 5 trials
+    assert report["drawer_runs"]["trials"] == 60 and report["drawer_runs"]["runs"] == 12  # 12 runs of 5 trials
     assert report["way5"]["trials"] == report["way3"]["trials"] == 60
     assert report["verification"]["pairs"] == report["verification_any"]["pairs"] == 120
     same, anywhere = report["verification"], report["verification_any"]
@@ -47,8 +48,24 @@ def test_accuracy_report_has_every_protocol_with_its_trial_count(tiny_checkpoint
         assert 0 <= result["ci_low"] <= result["accuracy"] <= result["ci_high"] <= 1
     # a trained model beats chance on 3-way trials of unseen alphabets
     assert report["way3"]["accuracy"] > 1 / 3
-    again = accuracy.evaluate_checkpoint(tiny_checkpoint, evaluation, runs, torch.device("cpu"), 0, 60, ways=(5, 3))
+    again = accuracy.evaluate_checkpoint(tiny_checkpoint, evaluation, runs, torch.device("cpu"), 0, 60, ways=(5, 3),
+                                         drawer_runs=12)
     assert again == report  # seeded
+
+
+def test_drawer_runs_are_resampled_whole_where_trials_are_not_independent(tiny_checkpoint, mini_evaluation,
+                                                                         shared_omniglot):
+    accuracy = _load("accuracy")
+    evaluation = so.load_evaluation_set(mini_evaluation)
+    runs = so.load_lake_runs(shared_omniglot / "all_runs.zip")
+    report = accuracy.evaluate_checkpoint(tiny_checkpoint, evaluation, runs, torch.device("cpu"), 0, 60, ways=(5, 3),
+                                          drawer_runs=40)
+    drawer = report["drawer_runs"]
+    assert drawer["interval"] == "runs resampled" and drawer["trials"] == 200
+    assert drawer["ci_low"] <= drawer["accuracy"] <= drawer["ci_high"]
+    # before: a Wilson interval over the 200 trials, as though each were drawn alone
+    wilson = binomial_interval(round(drawer["accuracy"] * 200), 200)
+    assert (drawer["ci_low"], drawer["ci_high"]) != pytest.approx(wilson, abs=1e-6)
 
 
 def test_results_row_quotes_the_measured_figures():

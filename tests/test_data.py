@@ -790,6 +790,21 @@ def test_load_lake_runs_errors(tmp_path, mini_evaluation):
         load_lake_runs(mini_evaluation)
 
 
+@pytest.mark.parametrize(("edit", "told"), [
+    (lambda line: line.replace("run01/training", "run07/training"), "has an unexpected line"),  # another run's
+    (lambda line: line.replace("item02.png", "item01.png"), "must name each test image once"),
+], ids=["another-run-s-class", "a-test-image-twice"])
+def test_load_lake_runs_refuses_labels_that_do_not_pair_the_run_s_own_images(shared_omniglot, tmp_path, edit, told):
+    with zipfile.ZipFile(shared_omniglot / "all_runs.zip") as source:
+        source.extractall(tmp_path / "all_runs")
+    labels = tmp_path / "all_runs" / "run01" / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    lines[1] = edit(lines[1])  # before: scored against run01's class of that name, or item01 scored twice
+    labels.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"run01/class_labels.txt {told}"):
+        load_lake_runs(tmp_path / "all_runs")
+
+
 # --- augment.py ------------------------------------------------------------------------------------
 
 

@@ -122,13 +122,18 @@ def load_lake_runs(path: str | Path) -> LakeRuns:
         tests, labels = [], []
         for line in lines:
             match = _LABEL_LINE.match(line)
-            if match is None or match.group(4) not in index:
+            if match is None or match.group(4) not in index or not match.group(1) == match.group(3) == run:
                 raise DataError(f"{path}: {run}/class_labels.txt has an unexpected line: {line!r}")
             name = f"{run}/test/{match.group(2)}.png"
             if name not in files:
                 raise DataError(f"{path}: {name} is listed but missing")
             tests.append(decode_image(files[name], name))
             labels.append(index[match.group(4)])
+        listed = [line.split()[0] for line in lines]
+        if len(set(listed)) != len(listed) or sorted(labels) != list(range(len(train_names))):
+            # a run is one test image of each of its classes: else some would be scored twice, others never
+            raise DataError(f"{path}: {run}/class_labels.txt must name each test image once and each training "
+                            "image once")
         training.append(np.stack([decode_image(files[p], p) for p in train_names]))
         test.append(np.stack(tests))
         answers.append(labels)

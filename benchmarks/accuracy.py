@@ -24,6 +24,7 @@ from results_table import insert_row
 
 import siamese_omniglot as so
 from siamese_omniglot.data import NEGATIVES, fixed_pairs, sample_drawer_runs
+from siamese_omniglot.data.omniglot import data_root, looks_like_omniglot
 from siamese_omniglot.evaluate import embed_pixels, pair_logits
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
@@ -121,6 +122,8 @@ def main() -> None:
                         help="validate on a 90/10 split of every character's images, as the reference did, and "
                              "report its pair accuracy (a separate table)")
     args = parser.parse_args()
+    if not looks_like_omniglot(data_root(args.data)):  # a custom tree would be trained and tested on alike
+        parser.error(f"{data_root(args.data)}: not Omniglot; the protocols test on its evaluation alphabets")
 
     device = so.resolve_device(args.device)
     split = {"val_split": "images", "val_fraction": 0.1} if args.reference_protocol else {}

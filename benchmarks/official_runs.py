@@ -76,13 +76,16 @@ def locate_runs(runs: so.LakeRuns, images: so.ImageSet) -> RunDesign:
     training, test = find(runs.training), find(runs.test)
     both = torch.cat([training, test], 1)
     drawers = drawer_of(images, both)
+    support, query = drawers.split(training.shape[1], 1)
+    if (support != support[:, :1]).any() or (query != query[:, :1]).any():  # the other-drawers figures assume it
+        raise SystemExit("a run's training or test images come from several drawers: not Lake et al.'s design")
     groups = images.class_groups[images.labels[both]]
     characters = images.labels[training].sort(1).values
     return RunDesign(
         training=training,
         test=test,
         answers=runs.answers,
-        pairs=torch.stack([drawers[:, 0], drawers[:, training.shape[1]]], 1),
+        pairs=torch.stack([support[:, 0], query[:, 0]], 1),
         character_sets=torch.unique(characters, dim=0, return_inverse=True)[1],
         alphabets=tuple(sorted({images.group_names[g] for g in groups.unique().tolist()})),
         drawers=tuple(drawers.unique().tolist()),

@@ -217,6 +217,26 @@ def test_official_runs_must_all_be_found(mini_evaluation):
         official.locate_runs(runs, evaluation)
 
 
+def test_official_runs_must_each_have_one_support_and_one_query_drawer(mini_evaluation):
+    official = _load("official_runs")
+    evaluation = so.load_evaluation_set(mini_evaluation)
+    runs = _runs_from(evaluation, [(4, 1), (1, 4)])
+    class_start, _ = evaluation.class_ranges()
+    group_start, _ = evaluation.group_ranges()
+    runs.test[0, 0] = evaluation.pixels[class_start[group_start[0] + 2] + 3]  # its character, by drawer 3, not 1
+    # before: the run's drawer pair read off its first images, the rest assumed alike
+    with pytest.raises(SystemExit, match="come from several drawers"):
+        official.locate_runs(runs, evaluation)
+
+
+def test_the_accuracy_benchmark_refuses_a_custom_tree(mini_background):
+    command = [sys.executable, str(BENCHMARKS / "accuracy.py"), "--data", str(mini_background), "--runs", "x.zip",
+               "--device", "cpu", "--max-steps", "1", "--results", ""]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # before: it trained on the tree and then "tested" on the same images
+    assert done.returncode == 2 and "not Omniglot; the protocols test on its evaluation alphabets" in done.stderr
+
+
 def test_other_drawer_pairs_leave_out_each_runs_own_pair(tiny_checkpoint, mini_evaluation):
     official = _load("official_runs")
     evaluation = so.load_evaluation_set(mini_evaluation)

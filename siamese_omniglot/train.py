@@ -753,7 +753,7 @@ class Trainer:
                 "best_score": list(self.best_score),
                 "top_epochs": self.top_epochs,
                 "generators": generators,  # one per rank; None at an epoch boundary
-                "epoch_so_far": list(self.carried if so_far is None else so_far),
+                "epoch_so_far": (self.carried if so_far is None else so_far)._asdict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -795,7 +795,9 @@ class Trainer:
         self.step_in_epoch = training["items_in_epoch"] // self.global_batch
         self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
         self._resume_schedule()
-        self.carried = EpochSoFar(*training.get("epoch_so_far", ()))  # none before it was saved: this stretch alone
+        # by name, what this version knows of it; none before it was saved: the epoch's loss is this stretch's alone
+        saved_so_far = training.get("epoch_so_far", {})
+        self.carried = EpochSoFar(**{key: saved_so_far[key] for key in EpochSoFar._fields if key in saved_so_far})
         generators = training["generators"]
         if len(generators) != self.dist.world_size:
             log.warning("resuming %d processes from %d: new pair streams from here on", self.dist.world_size,

@@ -434,8 +434,8 @@ class Trainer:
         saved = state["train_config"] if state is not None else {}
         kept_limit = self.config.max_steps is not None and self.config.max_steps == saved.get("max_steps")
         more_epochs = kept_limit and self.config.epochs > saved["epochs"]
-        if more_epochs and self.total_steps < self.config.epochs * self.steps_per_epoch:
-            # the new --epochs would change nothing but config.json: the step limit still ends the run
+        if more_epochs and saved["epochs"] * self.steps_per_epoch >= self.config.max_steps:
+            # the step limit, not the epochs, ended the run: the new --epochs would change nothing but config.json
             raise ConfigError(f"--epochs {self.config.epochs}: the run's max steps {self.config.max_steps}, which a "
                               f"resume keeps, end it at step {self.total_steps} first; pass a larger --max-steps too")
         if stop_after is not None and stop_after <= self.step:
@@ -478,7 +478,7 @@ class Trainer:
             generator.set_state(self.generator_state)
             self.generator_state = None
         self._epoch_generator = generator
-        self._stretch_loss.fill_(self.carried.loss_sum)  # as a run never paused sums it, to the last bit
+        self._stretch_loss.fill_(self.carried.loss_sum)  # as a run never paused sums it (to the last bit, alone)
         interval_loss = torch.zeros((), device=self.device)
         self._stretch_steps, interval_steps = 0, 0
         self._stretch_started = interval_started = time.perf_counter()

@@ -805,6 +805,15 @@ def test_load_lake_runs_refuses_labels_that_do_not_pair_the_run_s_own_images(sha
         load_lake_runs(tmp_path / "all_runs")
 
 
+def test_load_lake_runs_refuses_a_test_image_no_label_names(shared_omniglot, tmp_path):
+    with zipfile.ZipFile(shared_omniglot / "all_runs.zip") as source:
+        source.extractall(tmp_path / "all_runs")
+    test = tmp_path / "all_runs" / "run01" / "test"
+    (test / "item21.png").write_bytes((test / "item01.png").read_bytes())  # before: left out of the scoring unsaid
+    with pytest.raises(DataError, match="run01/class_labels.txt must name each test image once"):
+        load_lake_runs(tmp_path / "all_runs")
+
+
 # --- augment.py ------------------------------------------------------------------------------------
 
 

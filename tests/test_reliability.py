@@ -995,6 +995,21 @@ def test_resume_refuses_more_epochs_that_the_kept_step_limit_would_not_train(tin
     assert longer.code == 0, longer.stderr
 
 
+def test_resume_with_more_epochs_trains_on_where_the_epochs_ended_the_run(small: ImageSet, tiny_tree: Path,
+                                                                           tmp_path: Path) -> None:
+    per_epoch = Trainer(preset("fast", batch_size=8), small, tmp_path / "unused", CPU).steps_per_epoch
+    assert per_epoch > 1
+    out = tmp_path / "run"
+    ended = run_cli(*TRAIN, "--data", tiny_tree, "--out", out, "--epochs", 1, "--max-steps", per_epoch + 1,
+                    cwd=tmp_path)
+    assert ended.code == 0, ended.stderr
+    assert load_checkpoint(out / "last.pt")["training"]["step"] == per_epoch  # its epoch, not its limit, ended it
+    # more epochs train on to the kept limit: refused for a while, as though the limit had ended the run
+    run = run_cli(*TRAIN[:3], "--resume", out / "last.pt", "--data", tiny_tree, "--epochs", 2, cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert load_checkpoint(out / "last.pt")["training"]["step"] == per_epoch + 1
+
+
 def test_resume_reports_progress_at_a_new_interval(tiny_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     paused = run_cli(*TRAIN, "--data", tiny_tree, "--out", out, "--epochs", 1, "--log-every", 100, "--stop-after", 1,

@@ -130,7 +130,9 @@ def load_lake_runs(path: str | Path) -> LakeRuns:
             tests.append(decode_image(files[name], name))
             labels.append(index[match.group(4)])
         listed = [line.split()[0] for line in lines]
-        if len(set(listed)) != len(listed) or sorted(labels) != list(range(len(train_names))):
+        test_count = sum(p.startswith(f"{run}/test/") and p.endswith(".png") for p in files)
+        once = len(set(listed)) == len(listed) == test_count
+        if not once or sorted(labels) != list(range(len(train_names))):
             # a run is one test image of each of its classes: else some would be scored twice, others never
             raise DataError(f"{path}: {run}/class_labels.txt must name each test image once and each training "
                             "image once")

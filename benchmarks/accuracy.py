@@ -25,7 +25,7 @@ from results_table import insert_row
 import siamese_omniglot as so
 from siamese_omniglot.data import NEGATIVES, fixed_pairs, sample_drawer_runs
 from siamese_omniglot.data.omniglot import data_root, looks_like_omniglot
-from siamese_omniglot.evaluate import embed_pixels, pair_logits
+from siamese_omniglot.evaluate import OneShotResult, embed_pixels, pair_logits
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 SNAPSHOT_MINUTES = (5, 10)
@@ -59,9 +59,8 @@ def evaluate_checkpoint(
     low, high = run_bootstrap(hits)
     return {
         "lake_runs": so.lake_runs_accuracy(model, runs, device).to_dict(),
-        "drawer_runs": {"protocol": "drawer runs", "way": ways[0], "shot": 1, "runs": drawer_runs,
-                        "trials": hits.numel(), "accuracy": hits.float().mean().item(), "ci_low": low, "ci_high": high,
-                        "interval": "runs resampled"},
+        "drawer_runs": OneShotResult("drawer runs", ways[0], 1, hits.numel(), hits.float().mean().item(), low, high)
+        .to_dict() | {"runs": drawer_runs, "interval": "runs resampled"},
         **{
             f"way{way}": so.one_shot_accuracy(model, embeddings, so.sample_episodes(evaluation, way, 1, trials, seed))
             .to_dict()

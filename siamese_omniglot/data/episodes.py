@@ -119,7 +119,7 @@ def load_lake_runs(path: str | Path) -> LakeRuns:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         train_names = sorted(p for p in files if p.startswith(f"{run}/training/") and p.endswith(".png"))
         index = {PurePosixPath(p).stem: i for i, p in enumerate(train_names)}
-        tests, labels = [], []
+        tests, labels, listed = [], [], []
         for line in lines:
             match = _LABEL_LINE.match(line)
             if match is None or match.group(4) not in index or not match.group(1) == match.group(3) == run:
@@ -129,10 +129,9 @@ def load_lake_runs(path: str | Path) -> LakeRuns:
                 raise DataError(f"{path}: {name} is listed but missing")
             tests.append(decode_image(files[name], name))
             labels.append(index[match.group(4)])
-        listed = [line.split()[0] for line in lines]
-        test_count = sum(p.startswith(f"{run}/test/") and p.endswith(".png") for p in files)
-        once = len(set(listed)) == len(listed) == test_count
-        if not once or sorted(labels) != list(range(len(train_names))):
+            listed.append(name)
+        test_names = sorted(p for p in files if p.startswith(f"{run}/test/") and p.endswith(".png"))
+        if sorted(listed) != test_names or sorted(labels) != list(range(len(train_names))):
             # a run is one test image of each of its classes: else some would be scored twice, others never
             raise DataError(f"{path}: {run}/class_labels.txt must name each test image once and each training "
                             "image once")

@@ -24,7 +24,8 @@ from results_table import insert_row
 
 import siamese_omniglot as so
 from siamese_omniglot.data import NEGATIVES, fixed_pairs, sample_drawer_runs
-from siamese_omniglot.data.omniglot import data_root, looks_like_omniglot
+from siamese_omniglot.data.omniglot import looks_like_omniglot
+from siamese_omniglot.data.roots import data_root
 from siamese_omniglot.evaluate import OneShotResult, embed_pixels, pair_logits
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"

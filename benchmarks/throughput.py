@@ -29,7 +29,8 @@ from results_table import insert_row
 
 import siamese_omniglot as so
 from siamese_omniglot import devices
-from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
+from siamese_omniglot.data.omniglot import BACKGROUND, find_split
+from siamese_omniglot.data.roots import data_root
 
 
 def timed(step, count: int, device: torch.device) -> float:

@@ -23,16 +23,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import devices
 from .config import PRESETS, preset
-from .data.episodes import load_lake_runs, sample_episodes
-from .data.omniglot import MIRROR_ENV, image_folders, load_evaluation_set, load_training_set
-from .data.pairs import NEGATIVES, fixed_pairs
+from .data.roots import DATA_ENV, DEFAULT_ROOT, MIRROR_ENV
+from .device_spec import DEVICE_SPEC_HELP
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
-from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
-from .staging import check_placement
 
-if TYPE_CHECKING:  # training is imported when a command needs it
+if TYPE_CHECKING:  # torch and what needs it are imported inside the commands, so --help answers at once
     from .train import Validation
 
 app = typer.Typer(
@@ -49,14 +45,14 @@ log = logging.getLogger("siamese_omniglot")
 DataOption = Annotated[
     Path | None,
     typer.Option("--data", help="Data root: Omniglot archives or folders, or a custom <group>/<class>/<image> "
-                 "tree \\[default: $SIAMESE_DATA, else ./datasets]"),
+                 f"tree \\[default: ${DATA_ENV}, else ./{DEFAULT_ROOT}]"),
 ]
 MirrorOption = Annotated[
     str | None,
     typer.Option("--mirror", help=f"Base URL or local folder holding images_background.zip and "
                  f"images_evaluation.zip, used when they are missing \\[default: ${MIRROR_ENV}]"),
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {devices.DEVICE_SPEC_HELP}")]
+DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {DEVICE_SPEC_HELP}")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")]
 SkipBadImagesOption = Annotated[
     bool, typer.Option("--skip-bad-images", help="Leave out unreadable images (listed in a warning) instead of "
@@ -77,13 +73,17 @@ def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> I
     """Turn the library's expected failures into one stderr line and exit code 2, and Ctrl-C into the line
     ``interrupted`` and exit code 130. ``ranked``: the command is one rank of a training job, where rank 0 tells
     what every rank meets alike."""
-    from .distributed import defer_to_rank0, is_secondary_rank
-
-    secondary = ranked and is_secondary_rank()
+    secondary = False
     try:
+        if ranked:
+            from .distributed import is_secondary_rank
+
+            secondary = is_secondary_rank()
         yield
     except SiameseError as error:
         if secondary:
+            from .distributed import defer_to_rank0
+
             defer_to_rank0()
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
@@ -150,7 +150,7 @@ def train(
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Data root: Omniglot archives or folders, or a custom "
-                     "<group>/<class>/<image> tree \\[default: $SIAMESE_DATA, else ./datasets]"),
+                     f"<group>/<class>/<image> tree \\[default: ${DATA_ENV}, else ./{DEFAULT_ROOT}]"),
     ] = None,
     mirror: MirrorOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder \\[default: logs/<timestamp>]")] = None,
@@ -226,11 +226,13 @@ def train(
     The reference's command lines run as written, in its spellings too:
     --train_data_path, --epoch, --batch_size, --max_steps, --nproc_per_node, --model_name, --use_amp, --distributed.
     """
-    from .distributed import device_kind_for_ranks, init_distributed, launch, shutdown
-    from .train import Trainer, check_run_dir, default_out_dir, resume_config
-
     _setup_logging()
     with _errors_as_exit("interrupted; checkpoints already written are intact", ranked=True):
+        from .data.omniglot import load_training_set
+        from .distributed import device_kind_for_ranks, init_distributed, launch, shutdown
+        from .staging import check_placement
+        from .train import Trainer, check_run_dir, default_out_dir, resume_config
+
         data = _one_of("--data", data, "--train_data_path", train_data_path)
         epochs = _one_of("--epochs", epochs, "--epoch", epoch)
         max_steps = _one_of("--max-steps", max_steps, "--max_steps", max_steps_spelt)
@@ -425,10 +427,14 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate on alphabets never seen in training: verification and N-way K-shot one-shot accuracy."""
-    from .verify import Verifier, default_checkpoint
-
     _setup_logging()
     with _errors_as_exit():
+        from .data.episodes import load_lake_runs, sample_episodes
+        from .data.omniglot import load_evaluation_set
+        from .data.pairs import NEGATIVES, fixed_pairs
+        from .evaluate import embed_pixels, lake_runs_accuracy, one_shot_accuracy, pair_logits, pair_metrics
+        from .verify import Verifier, default_checkpoint
+
         if negatives not in NEGATIVES:
             raise ConfigError(f"unknown --negatives {negatives!r}: choose one of {', '.join(NEGATIVES)}")
         design = NEGATIVES[negatives]
@@ -510,10 +516,10 @@ def compare(
     ] = None,
 ) -> None:
     """Say whether two images show the same character: score, SAME/DIFFERENT and the threshold."""
-    from .verify import Verifier, default_checkpoint
-
     _setup_logging()
     with _errors_as_exit():
+        from .verify import Verifier, default_checkpoint
+
         if plot is not None:
             _require_plotting()
             from .figures import check_png_name
@@ -555,10 +561,10 @@ def classify(
     as_json: JsonOption = False,
 ) -> None:
     """Recognise each image among the classes of a support folder: the top classes with their scores."""
-    from .verify import Verifier, default_checkpoint
-
     _setup_logging()
     with _errors_as_exit():
+        from .verify import Verifier, default_checkpoint
+
         checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
         gallery = verifier.load_support(support, cache=cache)
@@ -602,11 +608,11 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Export the embedding network and the pair scorer as ONNX, checked against PyTorch with onnxruntime."""
-    from .export import export_onnx
-    from .verify import Verifier, default_checkpoint
-
     _setup_logging()
     with _errors_as_exit():
+        from .export import export_onnx
+        from .verify import Verifier, default_checkpoint
+
         if export_format.lower() != "onnx":
             raise ConfigError(f"unknown export format {export_format!r}: only onnx is supported")
         checkpoint = checkpoint or default_checkpoint()
@@ -637,6 +643,8 @@ def _one_of(name: str, value, reference_name: str, reference_value):
 def _check_outside_data(folder: Path, data: Path | None, option: str) -> None:
     """Refuse an output folder inside the data's image folders, where its files would be read as images next time
     (a hidden folder there is never read)."""
+    from .data.omniglot import image_folders
+
     target = folder.resolve()
     for images in image_folders(data):
         root = images.resolve()

@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import re
 from types import ModuleType
 
 import torch
 
+from .device_spec import parse_device_spec
 from .errors import DeviceError
 
 log = logging.getLogger(__name__)
-DEVICE_SPEC_HELP = "auto, cpu, cuda, cuda:N, sdaa or sdaa:N"
-_SPEC = re.compile(r"^(auto|cpu|cuda|sdaa)(?::(\d+))?$")
 _IMPORT_ERRORS_TOLD: set[str] = set()  # torch_sdaa's import errors already warned of, once per process
 
 
@@ -63,22 +61,19 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
     ``auto`` prefers sdaa (when ``torch_sdaa`` imports and reports a device), then cuda, then cpu.
     """
-    match = _SPEC.match(spec.strip().lower())
-    if match is None:
-        raise DeviceError(f"unknown device {spec!r}: use {DEVICE_SPEC_HELP}")
-    kind, index = match.group(1), match.group(2)
+    kind, index = parse_device_spec(spec)
     if kind == "auto":
         kind = next(k for k in ("sdaa", "cuda", "cpu") if is_available(k))
         return torch.device(kind, 0) if kind != "cpu" else torch.device("cpu")
     if kind == "cpu":
-        if index not in (None, "0"):
+        if index not in (None, 0):
             raise DeviceError(f"unknown device {spec!r}: the cpu has no index")
         return torch.device("cpu")
     if not is_available(kind):
         hint = "needs Tecorigin's torch_sdaa and a card" if kind == "sdaa" else "needs a CUDA build of torch and a GPU"
         raise DeviceError(f"no {kind} device found for {spec!r} ({hint}); use --device cpu or auto")
     count = device_count(kind)
-    number = int(index or 0)
+    number = index or 0
     if number >= count:
         raise DeviceError(f"device {spec!r} does not exist: {count} {kind} device(s) found")
     return torch.device(kind, number)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,38 @@ def test_help_lists_the_commands(command: list[str], tmp_path: Path) -> None:
         ("compare", "Say whether two images show the same"),
     ]:
         assert f" {name} " in result.stdout and summary in result.stdout
+
+
+def _imported(importtime_log: str) -> set[str]:
+    """The modules a ``python -X importtime`` run imported, from its log on standard error."""
+    return {line.rsplit("|", 1)[-1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
+def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
+    """Torch takes seconds to import; every --help answers without it, so it answers at once."""
+    from siamese_omniglot.cli import app
+
+    commands = [command.name or command.callback.__name__ for command in app.registered_commands]
+    for args in [["--help"], *([name, "--help"] for name in commands)]:
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "siamese_omniglot", *args],
+                                capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 0 and "Usage:" in result.stdout, (args, result.stderr[-2000:])
+        assert "siamese_omniglot.cli" in _imported(result.stderr) and "torch" not in _imported(result.stderr), args
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/<pid>/maps for torch's library")
+def test_ctrl_c_while_torch_loads_is_one_line(image_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """Ctrl-C during the seconds torch takes to load gave a KeyboardInterrupt traceback from the package import."""
+    process = subprocess.Popen([SIAMESE, "compare", *image_pair, "--device", "cpu"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text():  # torch's C++ library is mapped: torch is loading
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert (process.returncode, out, err) == (130, "", "interrupted\n")
 
 
 def test_train_writes_a_run(trained: tuple[subprocess.CompletedProcess, Path]) -> None:
@@ -206,7 +239,7 @@ def test_ctrl_c_is_one_line_about_what_the_command_writes(
 ) -> None:
     import typer
 
-    from siamese_omniglot import cli, verify
+    from siamese_omniglot import cli, staging, verify
 
     if rank is not None:
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -216,7 +249,7 @@ def test_ctrl_c_is_one_line_about_what_the_command_writes(
         raise KeyboardInterrupt  # as Ctrl-C arrives during the work
 
     monkeypatch.setattr(verify.Verifier, "from_checkpoint", interrupted)  # compare's first step
-    monkeypatch.setattr(cli, "check_placement", interrupted)  # one of train's first steps
+    monkeypatch.setattr(staging, "check_placement", interrupted)  # one of train's first steps
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(typer.Exit) as stopped:

@@ -37,8 +37,9 @@ from siamese_omniglot.data import (
 from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.augment import random_distortion, sampling_grid
 from siamese_omniglot.data.folders import decode_index, index_paths
-from siamese_omniglot.data.omniglot import BACKGROUND, data_root, find_split
+from siamese_omniglot.data.omniglot import BACKGROUND, find_split
 from siamese_omniglot.data.pairs import fixed_pairs, split_images
+from siamese_omniglot.data.roots import data_root
 from siamese_omniglot.errors import ConfigError, DataError
 
 FIRST_BACKGROUND_PNG = "images_background/Alphabet_of_the_Magi/character01/0709_01.png"

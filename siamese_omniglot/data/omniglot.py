@@ -29,13 +29,11 @@ from ..errors import ConfigError, DataError
 from ..files import atomic_write, make_folders, remove_empty
 from .folders import ImageIndex, decode_index, index_paths, visible_files
 from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet
+from .roots import MIRROR_ENV, data_root, mirror_source
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
-DATA_ENV = "SIAMESE_DATA"
-MIRROR_ENV = "SIAMESE_OMNIGLOT_MIRROR"
-DEFAULT_ROOT = "datasets"
 CACHE_DIR = ".siamese-cache"
 CACHE_VERSION = 1
 
@@ -61,16 +59,6 @@ class Split:
 BACKGROUND = Split("images_background", "68d2efa1b9178cc56df9314c21c6e718", 30, 964, 19280)
 EVALUATION = Split("images_evaluation", "6b91aef0f799c5bb55b94e3f2daec811", 20, 659, 13180)
 SPLITS = {"background": BACKGROUND, "evaluation": EVALUATION}
-
-
-def data_root(data: str | Path | None = None) -> Path:
-    """The data root: ``data`` if given, else ``$SIAMESE_DATA``, else ``./datasets``."""
-    return Path(data or os.environ.get(DATA_ENV) or DEFAULT_ROOT).expanduser()
-
-
-def mirror_source(mirror: str | None = None) -> str | None:
-    """The mirror to download from: ``mirror`` if given, else ``$SIAMESE_OMNIGLOT_MIRROR``, else None."""
-    return mirror or os.environ.get(MIRROR_ENV) or None
 
 
 # --- sources: a zip archive or a folder, listed and read by relative path --------------------------

@@ -123,4 +123,5 @@ __all__ = [
     "split_validation",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, _MODULES)
+if not TYPE_CHECKING:  # so type checkers still refuse a misspelt name
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES)

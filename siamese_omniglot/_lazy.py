@@ -19,16 +19,17 @@ def lazy_exports(
     after an eager import."""
     exports = {name: module for module, names in modules.items() for name in names}
 
-    def __getattr__(name: str) -> object:
-        if name in exports:
-            value = getattr(importlib.import_module(exports[name], package), name)
-        else:
+    def submodule(name: str) -> object:
+        if name.isidentifier():  # "data.roots" names no attribute
             try:
-                value = importlib.import_module(f".{name}", package)
+                return importlib.import_module(f".{name}", package)
             except ModuleNotFoundError as error:
                 if error.name != f"{package}.{name}":  # the submodule exists and failed to import something
                     raise
-                raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __getattr__(name: str) -> object:
+        value = getattr(importlib.import_module(exports[name], package), name) if name in exports else submodule(name)
         setattr(sys.modules[package], name, value)
         return value
 

@@ -27,6 +27,7 @@ from .config import PRESETS, preset
 from .data.roots import DATA_ENV, DEFAULT_ROOT, MIRROR_ENV
 from .device_spec import DEVICE_SPEC_HELP
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
+from .ranks import defer_to_rank0, is_secondary_rank
 
 if TYPE_CHECKING:  # torch and what needs it are imported inside the commands, so --help answers at once
     from .train import Validation
@@ -73,17 +74,11 @@ def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> I
     """Turn the library's expected failures into one stderr line and exit code 2, and Ctrl-C into the line
     ``interrupted`` and exit code 130. ``ranked``: the command is one rank of a training job, where rank 0 tells
     what every rank meets alike."""
-    secondary = False
+    secondary = ranked and is_secondary_rank()
     try:
-        if ranked:
-            from .distributed import is_secondary_rank
-
-            secondary = is_secondary_rank()
         yield
     except SiameseError as error:
         if secondary:
-            from .distributed import defer_to_rank0
-
             defer_to_rank0()
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None

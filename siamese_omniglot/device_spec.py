@@ -11,7 +11,7 @@ import re
 from .errors import DeviceError
 
 DEVICE_SPEC_HELP = "auto, cpu, cuda, cuda:N, sdaa or sdaa:N"
-_SPEC = re.compile(r"^(auto|cpu|cuda|sdaa)(?::(\d+))?$")
+_SPEC = re.compile(r"^(auto|cpu|cuda|sdaa)(?::([0-9]+))?$")
 
 
 def parse_device_spec(spec: str) -> tuple[str, int | None]:

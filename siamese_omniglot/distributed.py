@@ -1,4 +1,4 @@
-"""The one place that knows about ranks: process-group set-up from the launcher's environment, and launching.
+"""Process groups: set-up from the launcher's environment, and launching (``ranks`` tells which rank this is).
 
 Workers are started by PyTorch's own launcher, ``torch.distributed.run`` (the engine behind ``torchrun``),
 which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables read here. Each rank
@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -129,20 +128,6 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, tor
         dist.init_process_group(backend=devices.distributed_backend(device))
     log.info("rank %d of %d on %s", context.rank, world_size, device)
     return context, device
-
-
-def is_secondary_rank() -> bool:
-    """Whether this process is a rank other than 0 of a multi-process job (by the launcher's environment)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
-
-
-def defer_to_rank0(grace_s: float = 5.0) -> None:
-    """Before a worker other than rank 0 tells an error: wait ``grace_s`` for the launcher to stop it.
-
-    An error that every rank meets alike (a setting, the data, the loss) is told by rank 0, whose exit makes the
-    launcher stop the others meanwhile; an error of this rank alone is still told, after the wait.
-    """
-    time.sleep(grace_s)
 
 
 def shutdown(context: DistributedContext) -> None:

@@ -86,10 +86,18 @@ def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/<pid>/maps for torch's library")
-def test_ctrl_c_while_torch_loads_is_one_line(image_pair: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("command", "rank", "told"), [
+    ("compare", None, "interrupted\n"),
+    ("train", "1", ""),  # a training job's rank 1: rank 0 tells it
+], ids=["compare", "train-rank-1"])
+def test_ctrl_c_while_torch_loads_is_one_line(
+    command: str, rank: str | None, told: str, image_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
     """Ctrl-C during the seconds torch takes to load gave a KeyboardInterrupt traceback from the package import."""
-    process = subprocess.Popen([SIAMESE, "compare", *image_pair, "--device", "cpu"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    args = [*image_pair] if command == "compare" else ["--data", tmp_path / "data", "--out", tmp_path / "run"]
+    env = os.environ | ({} if rank is None else {"WORLD_SIZE": "2", "RANK": rank})
+    process = subprocess.Popen([SIAMESE, command, *args, "--device", "cpu"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     maps = Path(f"/proc/{process.pid}/maps")
     deadline = time.monotonic() + 60
     while "libtorch" not in maps.read_text():  # torch's C++ library is mapped: torch is loading
@@ -97,7 +105,7 @@ def test_ctrl_c_while_torch_loads_is_one_line(image_pair: tuple[Path, Path], tmp
         time.sleep(0.002)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert (process.returncode, out, err) == (130, "", "interrupted\n")
+    assert (process.returncode, out, err) == (130, "", told)
 
 
 def test_train_writes_a_run(trained: tuple[subprocess.CompletedProcess, Path]) -> None:

@@ -89,6 +89,7 @@ def test_cpu_specs(spec):
         ("cuda:x", "unknown device 'cuda:x': use auto, cpu, cuda, cuda:N, sdaa or sdaa:N"),
         ("", "unknown device '': use auto"),
         ("cpu:1", "unknown device 'cpu:1': the cpu has no index"),
+        ("cuda:\u0661", "unknown device 'cuda:\u0661': use auto"),  # an Arabic-Indic one: indices are ASCII digits
     ],
 )
 def test_unknown_specs(spec, message):

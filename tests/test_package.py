@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ def test_submodules_are_attributes_and_unknown_names_are_attribute_errors() -> N
     assert siamese_omniglot.data.pairs is importlib.import_module("siamese_omniglot.data.pairs")
     with pytest.raises(AttributeError, match="module 'siamese_omniglot' has no attribute 'no_such_name'"):
         siamese_omniglot.no_such_name  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'data.roots'"):
+        getattr(siamese_omniglot, "data.roots")  # a dotted path is no attribute, though it names a module
     assert not hasattr(siamese_omniglot.data, "no_such_name")
 
 
@@ -59,7 +62,8 @@ def test_a_submodule_s_own_missing_import_is_not_hidden_as_a_missing_attribute(t
             "for name in ('thing', 'broken', 'absent'):\n"
             "    try: getattr(lazy_probe, name)\n"
             "    except Exception as error: print(type(error).__name__, error)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=os.environ | {"PYTHONPATH": str(tmp_path)})
     missing = "ModuleNotFoundError No module named 'no_such_dependency_for_this_test'"
     absent = "AttributeError module 'lazy_probe' has no attribute 'absent'"
     assert result.stdout.splitlines() == [missing, missing, absent], result.stderr

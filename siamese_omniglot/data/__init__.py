@@ -55,4 +55,5 @@ __all__ = [
     "to_ink",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, _MODULES)
+if not TYPE_CHECKING:  # so type checkers still refuse a misspelt name
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES)

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import __version__
 from .config import PRESETS, preset
 from .data.roots import DATA_ENV, DEFAULT_ROOT, MIRROR_ENV
 from .device_spec import DEVICE_SPEC_HELP
@@ -67,6 +68,21 @@ CheckpointOption = Annotated[
     typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt) \\[default: the bundled fast model]",
                  show_default=False),
 ]
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        out.print(f"siamese-omniglot {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """The options before a command."""
 
 
 @contextlib.contextmanager

@@ -68,20 +68,28 @@ def test_help_lists_the_commands(command: list[str], tmp_path: Path) -> None:
         assert f" {name} " in result.stdout and summary in result.stdout
 
 
+def test_version_is_the_installed_distribution_s(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    result = siamese("--version", cwd=tmp_path)
+    told = f"siamese-omniglot {version('siamese-omniglot')}\n"
+    assert (result.returncode, result.stdout, result.stderr) == (0, told, "")
+
+
 def _imported(importtime_log: str) -> set[str]:
     """The modules a ``python -X importtime`` run imported, from its log on standard error."""
     return {line.rsplit("|", 1)[-1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
 
 
 def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
-    """Torch takes seconds to import; every --help answers without it, so it answers at once."""
+    """Torch takes seconds to import; --version and every --help answer without it, so they answer at once."""
     from siamese_omniglot.cli import app
 
     commands = [command.name or command.callback.__name__ for command in app.registered_commands]
-    for args in [["--help"], *([name, "--help"] for name in commands)]:
+    for args in [["--version"], ["--help"], *([name, "--help"] for name in commands)]:
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", "siamese_omniglot", *args],
                                 capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert result.returncode == 0 and "Usage:" in result.stdout, (args, result.stderr[-2000:])
+        assert result.returncode == 0 and ("Usage:" in result.stdout or args == ["--version"]), result.stderr[-2000:]
         assert "siamese_omniglot.cli" in _imported(result.stderr) and "torch" not in _imported(result.stderr), args
 
 

@@ -31,7 +31,7 @@ from .models import SiameseNetwork
 log = logging.getLogger(__name__)
 
 CACHE_DIR = ".siamese-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # raised when decoding changes, so no cache of the old decoding is served
 _SCORE_CHUNK = 1 << 24  # elements of |q − s| per scoring chunk: bounded memory for big galleries
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 canvases [N, H, W] → embeddings [N, D]

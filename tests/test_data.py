@@ -37,6 +37,7 @@ from siamese_omniglot.data import (
 from siamese_omniglot.data import omniglot as omniglot_module
 from siamese_omniglot.data.augment import random_distortion, sampling_grid
 from siamese_omniglot.data.folders import decode_index, index_paths
+from siamese_omniglot.data.images import image_to_canvas
 from siamese_omniglot.data.omniglot import BACKGROUND, find_split
 from siamese_omniglot.data.pairs import fixed_pairs, split_images
 from siamese_omniglot.data.roots import data_root
@@ -182,6 +183,19 @@ def test_sixteen_bit_values_in_a_32_bit_image():
     pixels = decode_image(data, "deep-as-i.tif")
     assert (pixels[0, 0], pixels[15, 15]) == (255, 0)
     assert 125 <= pixels[45, 45] <= 130
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_eight_bit_levels_in_a_wider_image_are_read_as_eight_bit(dtype):
+    """An integer array of levels 0–255 reads the same whether given as an array or as a PIL image of it (a mode I
+    or I;16 image of such levels decoded almost black before: 255 of 65535)."""
+    levels = np.full((105, 105), 255, dtype=np.uint8)
+    levels[10:20, 10:20] = 0
+    levels[40:50, 40:50] = 128
+    image = Image.fromarray(levels.astype(dtype))
+    assert image.mode.startswith("I")
+    assert np.array_equal(image_to_canvas(image), levels)
+    assert np.array_equal(decode_image(encode(image, "TIFF" if dtype == np.int32 else "PNG"), "wide.img"), levels)
 
 
 @pytest.mark.parametrize("format", ["JPEG", "TIFF"])
@@ -370,7 +384,7 @@ def test_background_split_contents(background_load, shared_omniglot):
 def test_second_load_is_served_from_the_cache(background_load, shared_omniglot, monkeypatch):
     root, first, _, first_load_s = background_load
     caches = list((root / ".siamese-cache").glob("*.npz"))
-    assert len(caches) == 1 and re.fullmatch(r"images_background-v1-[0-9a-f]{20}\.npz", caches[0].name)
+    assert len(caches) == 1 and re.fullmatch(r"images_background-v2-[0-9a-f]{20}\.npz", caches[0].name)
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
@@ -472,7 +486,7 @@ def test_load_training_set_on_a_custom_tree(mini_background, tmp_path):
     first_file = sorted((root / first_class).iterdir())[0]
     assert np.array_equal(images.pixels[0].numpy(), read_image(first_file))
     assert not (root / "images_background.zip").exists()
-    assert len(list((root / ".siamese-cache").glob("folder-v1-*.npz"))) == 1
+    assert len(list((root / ".siamese-cache").glob("folder-v2-*.npz"))) == 1
 
 
 def test_cache_key_changes_when_a_file_changes(mini_evaluation, tmp_path):
@@ -481,7 +495,7 @@ def test_cache_key_changes_when_a_file_changes(mini_evaluation, tmp_path):
     changed = sorted(root.rglob("*.png"))[0]
     changed.write_bytes(encode(Image.new("L", (105, 105), 255)))  # a blank page of another size
     after = load_folder(root)
-    assert len(list((root / ".siamese-cache").glob("folder-v1-*.npz"))) == 2
+    assert len(list((root / ".siamese-cache").glob("folder-v2-*.npz"))) == 2
     assert int((before.pixels[0] == 0).sum()) > 0
     assert bool((after.pixels[0] == 255).all())
     assert torch.equal(after.pixels[1:], before.pixels[1:])

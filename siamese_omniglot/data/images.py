@@ -136,8 +136,10 @@ def _to_gray(image: Image.Image) -> Image.Image:
     if image.mode in ("1", "L"):
         return image.convert("L")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow < 10.3 opens 16-bit grayscale PNGs as mode I (0..65535); wider I data is scaled by its maximum
-        high = 65535 if image.mode != "I" else max(65535, image.getextrema()[1])
+        # levels up to 255 are 8-bit ones in a wider container, as in integer arrays; others are 16-bit (Pillow < 10.3
+        # opens 16-bit grayscale PNGs as mode I), and wider ones are scaled by their maximum
+        top = image.getextrema()[1]
+        high = 255 if top <= 255 else max(65535, top)
         return image.point(lambda value: value * (255 / high)).convert("L")
     if image.mode == "F":
         # float images mostly hold 0–1 (numpy, scientific tools); others are taken as gray levels 0–255

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 OFFICIAL_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 CACHE_DIR = ".siamese-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # raised when decoding changes, so no cache of the old decoding is served
 
 ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
 

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -298,7 +299,12 @@ def train(
 
                 def on_start() -> None:  # the run is accepted: data, checkpoint and --stop-after all fit
                     _check_writable(run_dir, make=True)
-                    announce(f"training preset {config.preset} on {where} → {run_dir}")
+                    line = f"training preset {config.preset} on {where} → {run_dir}"
+                    if resume is not None:
+                        step, total = trainer.step, trainer.total_steps
+                        line += (f", resumed at step {step} of {total}" if step < total else
+                                 f": {resume} is at its last step ({total}), nothing to train; its result again")
+                    announce(line)
 
                 trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, on_start=on_start,
                                   dist=context, staging=staging, compile=compile_step)
@@ -382,10 +388,20 @@ def _training_display(records: Path | None):
         if bar is not None:
             bar.start()
 
+    first_report: tuple[float, int] | None = None  # (time, step) of the first report, to time the steps since
+
     def on_progress(p: TrainProgress) -> None:
+        nonlocal first_report
         if bar is None:
+            now = time.monotonic()
+            left = ""
+            if first_report is None:
+                first_report = now, p.step
+            elif p.step < p.total_steps and p.step > first_report[1]:
+                seconds_per_step = (now - first_report[0]) / (p.step - first_report[1])  # validations included
+                left = f", {_time_left(seconds_per_step * (p.total_steps - p.step))}"
             err.print(f"step {p.step}/{p.total_steps} epoch {p.epoch + 1}: loss {p.loss:.4f}, lr {p.lr:.3g}, "
-                      f"{p.pairs_per_s:,.0f} pairs/s, {p.images_per_s:,.0f} images/s", highlight=False)
+                      f"{p.pairs_per_s:,.0f} pairs/s, {p.images_per_s:,.0f} images/s{left}", highlight=False)
         else:
             bar.update(task, total=p.total_steps, completed=p.step,
                        status=f"loss {p.loss:.4f} · {p.pairs_per_s:,.0f} pairs/s")
@@ -410,8 +426,8 @@ def _training_display(records: Path | None):
 def evaluate(
     checkpoint: Annotated[
         Path | None,
-        typer.Argument(help="Checkpoint to evaluate (best.pt or last.pt of a run) \\[default: the bundled "
-                       "fast model]", show_default=False),
+        typer.Argument(metavar="CHECKPOINT", help="Checkpoint to evaluate (best.pt or last.pt of a run) \\[default: "
+                       "the bundled fast model]", show_default=False),
     ] = None,
     data: DataOption = None,
     mirror: MirrorOption = None,
@@ -468,7 +484,8 @@ def evaluate(
         # drawn before the images are embedded: a --way or --shot the data cannot give is refused at once
         pair_list = fixed_pairs(images, pairs, seed, within_group=design.within_group)
         sampled = sample_episodes(images, way, shot, trials, seed)
-        embeddings = embed_pixels(verifier.model, images.pixels, verifier.device)
+        with _progress_bar() as update:
+            embeddings = embed_pixels(verifier.model, images.pixels, verifier.device, progress=update)
         logits = pair_logits(verifier.model, embeddings, pair_list)
         verification = pair_metrics(logits, pair_list.same, verifier.threshold)
         episodes = one_shot_accuracy(verifier.model, embeddings, sampled)
@@ -479,8 +496,8 @@ def evaluate(
             from .evaluate import episode_logits
             from .figures import roc_figure, trials_figure
 
-            title = (f"Verification ROC: {verification.pairs} pairs of {len(images.group_names)} alphabets\n"
-                     f"different pairs: {design.label}")
+            alphabets = _counted(len(images.group_names), "alphabet")
+            title = f"Verification ROC: {verification.pairs} pairs of {alphabets}\ndifferent pairs: {design.label}"
             drawn = [
                 roc_figure(torch.sigmoid(logits), pair_list.same, verifier.threshold, plot / "roc.png", title),
                 trials_figure(images, sampled, episode_logits(verifier.model, embeddings, sampled),
@@ -497,7 +514,7 @@ def evaluate(
     if as_json:
         out.print_json(json.dumps(report))
         return
-    where = f"{images.num_classes} classes in {len(images.group_names)} groups"
+    where = f"{_counted(images.num_classes, 'class')} in {_counted(len(images.group_names), 'group')}"
     table = Table(title=f"{escape(str(checkpoint))} on {where}")
     for column in ("protocol", "trials", "accuracy", "95% interval / other"):
         table.add_column(column)
@@ -515,8 +532,8 @@ def evaluate(
 
 @app.command()
 def compare(
-    first: Annotated[Path, typer.Argument(help="First image (any format and size Pillow reads)")],
-    second: Annotated[Path, typer.Argument(help="Second image")],
+    first: Annotated[Path, typer.Argument(metavar="FIRST", help="First image (any format and size Pillow reads)")],
+    second: Annotated[Path, typer.Argument(metavar="SECOND", help="Second image")],
     checkpoint: CheckpointOption = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
@@ -554,7 +571,9 @@ def compare(
 @app.command()
 def classify(
     queries: Annotated[
-        list[Path], typer.Argument(help="Images to recognise (any format and size Pillow reads)", show_default=False)
+        list[Path],
+        typer.Argument(metavar="QUERY", help="Images to recognise (any format and size Pillow reads)",
+                       show_default=False),
     ],
     support: Annotated[
         Path,
@@ -582,7 +601,8 @@ def classify(
         results = verifier.classify(queries, gallery, top_k=top_k)
     how = "read from" if gallery.from_cache else "embedded, cached in" if gallery.cache_path else "embedded"
     where = f" {gallery.cache_path}" if gallery.cache_path else ""
-    err.print(f"support {support}: {gallery.num_classes} classes, {len(gallery)} images ({how}{where})",
+    err.print(f"support {support}: {_counted(gallery.num_classes, 'class')}, {_counted(len(gallery), 'image')} "
+              f"({how}{where})",
               markup=False, highlight=False)
     if as_json:
         report = {
@@ -611,7 +631,7 @@ def export(
     ],
     checkpoint: Annotated[
         Path | None,
-        typer.Argument(help="Checkpoint to export \\[default: the bundled fast model]",
+        typer.Argument(metavar="CHECKPOINT", help="Checkpoint to export \\[default: the bundled fast model]",
                        show_default=False),
     ] = None,
     export_format: Annotated[str, typer.Option("--format", help="Export format; only onnx for now")] = "onnx",
@@ -642,6 +662,19 @@ def export(
         f"limit {result.tolerance:.0e})",
     ):
         out.print(line, markup=False, highlight=False)
+
+
+def _time_left(seconds: float) -> str:
+    """``about 2 h 05 min left``, ``about 7 min left``, ``under a minute left``."""
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "under a minute left"
+    return f"about {minutes // 60} h {minutes % 60:02d} min left" if minutes >= 60 else f"about {minutes} min left"
+
+
+def _counted(number: int, noun: str) -> str:
+    """``1 class``, ``2 classes``, ``1 image``, ``3 images``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def _one_of(name: str, value, reference_name: str, reference_value):

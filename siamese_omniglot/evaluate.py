@@ -12,6 +12,7 @@ Protocols:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,16 +31,19 @@ def embed_pixels(
     device: torch.device,
     batch_size: int = 128,
     views: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.Tensor:
     """Embeddings [N, D] (float32, on ``device``) of uint8 images [N, H, W], in eval mode, each averaged over
-    ``views`` shifted views (default: the model's own)."""
+    ``views`` shifted views (default: the model's own). ``progress(what, done, total)`` is told the images done
+    after each batch."""
     was_training = model.training
     model.eval()
+    parts = []
     try:
-        parts = [
-            model.embed(to_ink(chunk.to(device, non_blocking=True)), views).float()
-            for chunk in pixels.split(batch_size)
-        ]
+        for chunk in pixels.split(batch_size):
+            parts.append(model.embed(to_ink(chunk.to(device, non_blocking=True)), views).float())
+            if progress is not None:
+                progress("embed images", min(len(parts) * batch_size, len(pixels)), len(pixels))
     finally:
         model.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0, model.embedding_dim, device=device)

@@ -94,7 +94,8 @@ def scan_support(folder: str | Path) -> list[tuple[str, str]]:
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder (expected a support folder of <class>/<image> or <class>.png)")
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise DataError(f"{folder}: {what} (expected a support folder of <class>/<image> or <class>.png)")
     found: list[tuple[str, str]] = []
     for relative in visible_files(folder):
         if relative.suffix.lower() not in IMAGE_SUFFIXES:

@@ -278,6 +278,15 @@ def test_ctrl_c_is_one_line_about_what_the_command_writes(
     assert capsys.readouterr().err.strip() == told  # compare said checkpoints were intact, as if it wrote any
 
 
+def test_counts_and_times_left_read_as_words() -> None:
+    from siamese_omniglot.cli import _counted, _time_left
+
+    assert [_counted(1, "class"), _counted(2, "class"), _counted(1, "image"), _counted(0, "alphabet")] == [
+        "1 class", "2 classes", "1 image", "0 alphabets"]  # "1 classes", "1 groups" before
+    assert [_time_left(29), _time_left(7 * 60 + 10), _time_left(125 * 60)] == [
+        "under a minute left", "about 7 min left", "about 2 h 05 min left"]
+
+
 def test_the_reference_spellings_are_kept_out_of_the_help() -> None:
     code = "import sys; from siamese_omniglot.cli import main; sys.argv[0] = 'siamese'; main()"
     result = subprocess.run([sys.executable, "-c", code, "train", "--help"], capture_output=True, text=True,

@@ -758,7 +758,8 @@ def test_sample_episodes_are_deterministic(evaluation_images):
     ("way", "shot", "message"),
     [
         (7, 1, "no alphabet has 7 characters; choose a smaller --way (largest: 6)"),
-        (5, 20, "20-shot trials need 21 images per class; some classes have fewer"),
+        (5, 20, "20-shot trials need 21 images per class; some classes have fewer; choose a smaller --shot "
+                "(largest: 19)"),
         (1, 1, "need way ≥ 2"),
     ],
 )

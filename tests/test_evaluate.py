@@ -200,6 +200,14 @@ def test_embed_pixels_uses_eval_mode_and_restores_training(lake_runs: LakeRuns) 
     torch.testing.assert_close(whole, in_chunks)  # batch norm used running statistics, not batch ones
 
 
+def test_embed_pixels_reports_the_images_done_after_each_batch(lake_runs: LakeRuns) -> None:
+    model = distance_model(-1.0)
+    told: list[tuple[str, int, int]] = []
+    embeddings = embed_pixels(model, lake_runs.training[0], CPU, batch_size=8, progress=lambda *t: told.append(t))
+    assert told == [("embed images", 8, 20), ("embed images", 16, 20), ("embed images", 20, 20)]
+    torch.testing.assert_close(embeddings, embed_pixels(model, lake_runs.training[0], CPU))
+
+
 def test_roc_curve_runs_from_origin_to_corner_and_encloses_the_auc() -> None:
     generator = torch.Generator().manual_seed(3)
     same = torch.arange(300) % 3 == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -292,6 +293,12 @@ def test_cli_classify_without_a_support_folder_is_one_error_line(
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {tmp_path / 'nope'}: no such folder (expected a support folder of " \
                             "<class>/<image> or <class>.png)\n"
+
+
+def test_a_support_folder_that_is_a_file_is_called_one(alphabet: Path) -> None:
+    image = next(alphabet.glob("*/*.png"))
+    with pytest.raises(DataError, match=re.escape(f"{image}: is a file, not a folder (expected a support folder")):
+        scan_support(image)  # "no such folder" before, of a file that exists
 
 
 def test_a_support_cache_follows_weights_changed_in_place(

@@ -542,9 +542,13 @@ def test_cli_stop_after_pauses_and_resume_finishes_like_an_unpaused_run(tiny_tre
     assert "step 7/10 epoch 2" in paused.stderr  # the schedule still spans 10 steps
     resumed = run_cli(*TRAIN[:3], "--resume", last, "--data", tiny_tree, cwd=tmp_path)
     assert resumed.code == 0, resumed.stderr
+    assert f"→ {tmp_path / 'paused'}, resumed at step 7 of 10\n" in resumed.stderr  # a fresh run's line before
     assert "paused at" not in resumed.stdout
     assert_same_tensors(model_tensors(load_checkpoint(last)),
                         model_tensors(load_checkpoint(tmp_path / "whole" / "last.pt")))
+    again = run_cli(*TRAIN[:3], "--resume", last, "--data", tiny_tree, cwd=tmp_path)
+    assert again.code == 0, again.stderr
+    assert f": {last} is at its last step (10), nothing to train; its result again\n" in again.stderr
 
 
 def test_a_pause_names_the_best_epoch_so_far_and_one_before_the_first_epoch_ends_none(
@@ -1018,6 +1022,9 @@ def test_resume_reports_progress_at_a_new_interval(tiny_tree: Path, tmp_path: Pa
     resumed = run_cli(*TRAIN[:3], "--resume", out / "last.pt", "--data", tiny_tree, "--log-every", 1, cwd=tmp_path)
     assert resumed.code == 0, resumed.stderr
     assert [f"step {step}/5" in resumed.stderr for step in range(2, 6)] == [True] * 4
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("step ")]
+    # the time left, from the steps timed since the first report, up to the last
+    assert [line.endswith(" left") for line in lines] == [False, True, True, False], lines
 
 
 def test_eval_refuses_sizes_beyond_memory(weights: Path, tmp_path: Path) -> None:

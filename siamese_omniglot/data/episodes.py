@@ -42,8 +42,10 @@ def sample_episodes(images: ImageSet, way: int, shot: int, trials: int, seed: in
     if eligible.numel() == 0:
         largest = int(group_count.max()) if group_count.numel() else 0  # an empty image set has no group
         raise DataError(f"no alphabet has {way} characters; choose a smaller --way (largest: {largest})")
-    if int(class_count.min()) < shot + 1:
-        raise DataError(f"{shot}-shot trials need {shot + 1} images per class; some classes have fewer")
+    smallest = int(class_count.min())
+    if smallest < shot + 1:
+        hint = f"choose a smaller --shot (largest: {smallest - 1})" if smallest > 1 else "a class has one image"
+        raise DataError(f"{shot}-shot trials need {shot + 1} images per class; some classes have fewer; {hint}")
     generator = seeded_generator(seed, 13)
     groups = eligible[torch.randint(eligible.numel(), (trials,), generator=generator)]
     # way distinct classes per trial: the first `way` of a random permutation of the group's classes

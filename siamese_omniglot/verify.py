@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,6 +18,9 @@ from .errors import CheckpointError, ConfigError, DataError, SiameseError
 from .evaluate import embed_pixels
 from .gallery import Classification, Support, class_scores, load_support, model_fingerprint, rank_classes
 from .models import ModelConfig, SiameseNetwork, fold_batch_norm
+
+log = logging.getLogger(__name__)
+MOSTLY_INK = 0.5  # a drawing darker than this on average is taken for light strokes on a dark ground
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 
@@ -99,7 +103,13 @@ class Verifier:
                   else fit_to_canvas(_gray_levels(i)) for i in items]
         if not arrays:
             return torch.empty(0, CANVAS_PX, CANVAS_PX, dtype=torch.uint8)
-        return torch.from_numpy(np.stack(arrays))
+        pixels = torch.from_numpy(np.stack(arrays))
+        ink = 1 - pixels.flatten(1).float().mean(dim=1) / 255
+        for index in torch.nonzero(ink > MOSTLY_INK).flatten().tolist():
+            name = items[index] if isinstance(items[index], (str, Path)) else f"image {index}"
+            log.warning("%s is mostly ink (%.0f%% of it dark): strokes are read as dark on light paper; invert a "
+                        "light-on-dark image first", name, 100 * float(ink[index]))
+        return pixels
 
     def embed(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:
         """Embeddings [N, D] of image files or uint8 arrays (255 = paper)."""

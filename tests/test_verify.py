@@ -87,6 +87,21 @@ def test_paths_and_arrays_give_the_same_score(verifier: Verifier, characters: li
     assert verifier.score(first, torch.tensor(read_image(second))) == pytest.approx(by_path, abs=1e-6)
 
 
+def test_a_light_on_dark_image_is_warned_of_by_name(
+    verifier: Verifier, characters: list[list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inverted = tmp_path / "inverted.png"
+    Image.fromarray(255 - read_image(characters[4][0])).save(inverted)
+    with caplog.at_level("WARNING", logger="siamese_omniglot"):
+        verifier.compare(characters[4][0], characters[4][1])
+        assert caplog.messages == []  # an Omniglot drawing is at most about a fifth ink
+        verifier.compare(inverted, 255 - read_image(characters[4][1]))
+    assert len(caplog.messages) == 2, caplog.messages
+    assert caplog.messages[0].startswith(f"{inverted} is mostly ink (")
+    assert caplog.messages[1].startswith("image 1 is mostly ink (")
+    assert "invert a light-on-dark image first" in caplog.messages[0]
+
+
 def test_an_array_of_another_size_is_fitted_like_a_file(verifier: Verifier, characters: list[list[Path]]) -> None:
     """An array is taken as the picture it is: scored like a PNG file holding those pixels."""
     first, second = characters[5][0], characters[5][1]

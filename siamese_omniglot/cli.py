@@ -27,7 +27,7 @@ from rich.table import Table
 from . import __version__
 from .config import PRESETS, preset
 from .data.roots import DATA_ENV, DEFAULT_ROOT, MIRROR_ENV
-from .device_spec import DEVICE_SPEC_HELP
+from .device_spec import DEVICE_SPEC_HELP, parse_device_spec
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .ranks import defer_to_rank0, is_secondary_rank
 
@@ -55,7 +55,24 @@ MirrorOption = Annotated[
     typer.Option("--mirror", help=f"Base URL or local folder holding images_background.zip and "
                  f"images_evaluation.zip, used when they are missing \\[default: ${MIRROR_ENV}]"),
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help=f"Device: {DEVICE_SPEC_HELP}")]
+
+
+def _known_device(spec: str) -> str:
+    """``--device``'s check of its spelling, before torch loads: a misspelt name is refused at once."""
+    with _errors_as_exit():
+        parse_device_spec(spec)
+    return spec
+
+
+def _known_preset(name: str | None) -> str | None:
+    """``--preset``'s check of its name, before torch loads."""
+    if name is not None:
+        with _errors_as_exit():
+            preset(name)
+    return name
+
+
+DeviceOption = Annotated[str, typer.Option("--device", callback=_known_device, help=f"Device: {DEVICE_SPEC_HELP}")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object")]
 SkipBadImagesOption = Annotated[
     bool, typer.Option("--skip-bad-images", help="Leave out unreadable images (listed in a warning) instead of "
@@ -157,7 +174,9 @@ def _summary_of(val: Validation) -> str:
 @app.command()
 def train(
     preset_name: Annotated[
-        str | None, typer.Option("--preset", help=f"Training preset: {', '.join(PRESETS)} \\[default: fast]")
+        str | None,
+        typer.Option("--preset", callback=_known_preset,
+                     help=f"Training preset: {', '.join(PRESETS)} \\[default: fast]"),
     ] = None,
     data: Annotated[
         Path | None,

@@ -93,6 +93,19 @@ def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
         assert "siamese_omniglot.cli" in _imported(result.stderr) and "torch" not in _imported(result.stderr), args
 
 
+@pytest.mark.parametrize(("args", "told"), [
+    (["compare", "a.png", "b.png", "--device", "gpu"],
+     "error: unknown device 'gpu': use auto, cpu, cuda, cuda:N, sdaa or sdaa:N"),
+    (["train", "--preset", "fsat"], "error: unknown preset 'fsat': choose one of fast, wide, koch, seed"),
+], ids=["device", "preset"])
+def test_a_misspelt_device_or_preset_is_refused_before_torch_loads(args: list[str], told: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "siamese_omniglot", *args],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert (result.returncode, result.stdout, lines) == (2, "", [told])
+    assert "torch" not in _imported(result.stderr)  # seconds of loading, to be told of a typo, before
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/<pid>/maps for torch's library")
 @pytest.mark.parametrize(("command", "rank", "told"), [
     ("compare", None, "interrupted\n"),

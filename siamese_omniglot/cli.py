@@ -97,7 +97,7 @@ def _print_version(asked: bool) -> None:
 @app.callback()
 def _options(
     version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """The options before a command."""
@@ -322,7 +322,7 @@ def train(
                     if resume is not None:
                         step, total = trainer.step, trainer.total_steps
                         line += (f", resumed at step {step} of {total}" if step < total else
-                                 f": {resume} is at its last step ({total}), nothing to train; its result again")
+                                 f": {resume} is at its last step ({total}), nothing to train")
                     announce(line)
 
                 trainer = Trainer(config, images, run_dir, torch_device, on_progress, on_epoch, on_start=on_start,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .data.folders import visible_files
-from .data.images import IMAGE_SUFFIXES, decode_image
+from .data.images import IMAGE_SUFFIXES, decode_image, warn_of_dark_images
 from .errors import DataError
 from .files import atomic_write
 from .models import SiameseNetwork
@@ -157,6 +157,7 @@ def load_support(
         if embeddings is not None:
             return Support(folder, class_names, paths, labels, embeddings, cache_path, True, model_key)
     pixels = torch.from_numpy(np.stack([decode_image(contents[p], str(folder / p)) for p in paths]))
+    warn_of_dark_images(pixels, [str(folder / p) for p in paths])
     embeddings = embed(pixels).float().cpu()
     if cache_path is not None:
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -13,14 +12,11 @@ from PIL import Image
 
 from . import devices
 from .checkpoint import load_checkpoint
-from .data.images import CANVAS_PX, fit_to_canvas, image_to_canvas, read_image
+from .data.images import CANVAS_PX, fit_to_canvas, image_to_canvas, read_image, warn_of_dark_images
 from .errors import CheckpointError, ConfigError, DataError, SiameseError
 from .evaluate import embed_pixels
 from .gallery import Classification, Support, class_scores, load_support, model_fingerprint, rank_classes
 from .models import ModelConfig, SiameseNetwork, fold_batch_norm
-
-log = logging.getLogger(__name__)
-MOSTLY_INK = 0.5  # a drawing darker than this on average is taken for light strokes on a dark ground
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 
@@ -103,17 +99,18 @@ class Verifier:
                   else fit_to_canvas(_gray_levels(i)) for i in items]
         if not arrays:
             return torch.empty(0, CANVAS_PX, CANVAS_PX, dtype=torch.uint8)
-        pixels = torch.from_numpy(np.stack(arrays))
-        ink = 1 - pixels.flatten(1).float().mean(dim=1) / 255
-        for index in torch.nonzero(ink > MOSTLY_INK).flatten().tolist():
-            name = items[index] if isinstance(items[index], (str, Path)) else f"image {index}"
-            log.warning("%s is mostly ink (%.0f%% of it dark): strokes are read as dark on light paper; invert a "
-                        "light-on-dark image first", name, 100 * float(ink[index]))
-        return pixels
+        return torch.from_numpy(np.stack(arrays))
 
     def embed(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:
-        """Embeddings [N, D] of image files or uint8 arrays (255 = paper)."""
-        return embed_pixels(self.model, self.pixels(images), self.device)
+        """Embeddings [N, D] of image files or uint8 arrays (255 = paper); images more than half dark are warned of
+        (see :func:`~siamese_omniglot.data.images.warn_of_dark_images`)."""
+        items = _single_images(images)
+        pixels = self.pixels(items)
+        warn_of_dark_images(pixels, _names(items))
+        return self._embed_canvases(pixels)
+
+    def _embed_canvases(self, pixels: torch.Tensor) -> torch.Tensor:
+        return embed_pixels(self.model, pixels, self.device)
 
     @torch.no_grad()
     def score(self, first: ImageLike, second: ImageLike) -> float:
@@ -135,7 +132,7 @@ class Verifier:
 
     def load_support(self, folder: str | Path, cache: bool = True) -> Support:
         """Embed a support folder (``<class>/<image>`` or ``<class>.png``), or read it from its cache."""
-        return load_support(folder, self.embed, self.fingerprint, cache, dim=self.model.embedding_dim)
+        return load_support(folder, self._embed_canvases, self.fingerprint, cache, dim=self.model.embedding_dim)
 
     def classify(
         self, queries: ImageLike | list[ImageLike], support: str | Path | Support, top_k: int = 5, cache: bool = True
@@ -162,9 +159,8 @@ class Verifier:
             raise ConfigError(f"{support.folder}: the support was embedded by another model; load it with this "
                               "verifier's load_support")
         items = _single_images(queries)
-        names = [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
         scores = class_scores(self.model, self.embed(items), support)
-        return rank_classes(scores, support, names, top_k, self.threshold)
+        return rank_classes(scores, support, _names(items), top_k, self.threshold)
 
 
 def _mismatch(error: RuntimeError, limit: int = 160) -> str:
@@ -183,6 +179,11 @@ def _single_images(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
     if isinstance(images, (str, Path, np.ndarray, torch.Tensor, Image.Image)):
         return [images]
     return list(images) if isinstance(images, Iterable) else [images]
+
+
+def _names(items: list[ImageLike]) -> list[str]:
+    """What messages and results call each image: its path, else ``image <position>``."""
+    return [str(item) if isinstance(item, (str, Path)) else f"image {i}" for i, item in enumerate(items)]
 
 
 def _refuse_colour(array: np.ndarray | torch.Tensor) -> None:

@@ -176,6 +176,16 @@ def test_sixteen_bit_grayscale_png():
     assert 125 <= pixels[45, 45] <= 130
 
 
+def test_a_big_endian_sixteen_bit_image():
+    values = sixteen_bit_values()
+    image = Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+    data = encode(image, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I;16B"
+    pixels = decode_image(data, "big-endian.tif")  # "not a readable image (image has wrong mode)" before
+    assert (pixels[0, 0], pixels[15, 15]) == (255, 0)
+    assert 125 <= pixels[45, 45] <= 130
+
+
 def test_sixteen_bit_values_in_a_32_bit_image():
     """Pillow before 10.3 opens 16-bit grayscale PNGs as mode I (values 0..65535): paper must stay white."""
     data = encode(Image.fromarray(sixteen_bit_values().astype(np.int32)), "TIFF")

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from siamese_omniglot.data import read_image
 from siamese_omniglot.errors import ConfigError, DataError
 from siamese_omniglot.gallery import CACHE_DIR, Support, scan_support
 from siamese_omniglot.verify import Verifier
@@ -293,6 +295,21 @@ def test_cli_classify_without_a_support_folder_is_one_error_line(
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {tmp_path / 'nope'}: no such folder (expected a support folder of " \
                             "<class>/<image> or <class>.png)\n"
+
+
+def test_a_gallery_s_dark_images_are_named_in_one_warning(
+    tiny_checkpoint: Path, alphabet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    support = tmp_path / "support"
+    for image in sorted(alphabet.glob("*/*.png"))[:7]:
+        (support / image.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - read_image(image)).save(support / image.parent.name / image.name)
+    with caplog.at_level("WARNING", logger="siamese_omniglot"):
+        Verifier.from_checkpoint(tiny_checkpoint, "cpu").load_support(support, cache=False)
+    assert len(caplog.messages) == 1, caplog.messages  # one per image before, as "image 0" … "image 6"
+    named = sorted(support.glob("*/*.png"))[:5]
+    assert caplog.messages[0].startswith(f"mostly dark, so read as mostly ink: {named[0]} (")
+    assert all(str(path) in caplog.messages[0] for path in named) and " and 2 more;" in caplog.messages[0]
 
 
 def test_a_support_folder_that_is_a_file_is_called_one(alphabet: Path) -> None:

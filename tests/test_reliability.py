@@ -548,7 +548,7 @@ def test_cli_stop_after_pauses_and_resume_finishes_like_an_unpaused_run(tiny_tre
                         model_tensors(load_checkpoint(tmp_path / "whole" / "last.pt")))
     again = run_cli(*TRAIN[:3], "--resume", last, "--data", tiny_tree, cwd=tmp_path)
     assert again.code == 0, again.stderr
-    assert f": {last} is at its last step (10), nothing to train; its result again\n" in again.stderr
+    assert f": {last} is at its last step (10), nothing to train\n" in again.stderr
 
 
 def test_a_pause_names_the_best_epoch_so_far_and_one_before_the_first_epoch_ends_none(

@@ -8,7 +8,9 @@ float tensors in [0, 1] where 1 is a stroke and 0 the paper, so zero padding is 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 CANVAS_PX = 105
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -138,6 +142,7 @@ def _to_gray(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # levels up to 255 are 8-bit ones in a wider container, as in integer arrays; others are 16-bit (Pillow < 10.3
         # opens 16-bit grayscale PNGs as mode I), and wider ones are scaled by their maximum
+        image = image.convert("I")  # point() maps no byte-ordered 16-bit mode (I;16B, I;16L)
         top = image.getextrema()[1]
         high = 255 if top <= 255 else max(65535, top)
         return image.point(lambda value: value * (255 / high)).convert("L")
@@ -152,6 +157,20 @@ def _to_gray(image: Image.Image) -> Image.Image:
         # light strokes on a transparent canvas would vanish on white paper: the opaque pixels are the strokes
         return ImageOps.invert(rgba.getchannel("A"))
     return gray
+
+
+MOSTLY_INK = 0.5  # a canvas darker than this on average is not dark strokes on light paper (Omniglot's: ≤ 0.22)
+
+
+def warn_of_dark_images(pixels: torch.Tensor, names: Sequence[str]) -> None:
+    """One warning naming the canvases [N, H, W] (255 = paper) more than half dark: light strokes on a dark ground,
+    or a dark background, which the network reads as ink."""
+    ink = 1 - pixels.flatten(1).float().mean(dim=1) / 255
+    dark = [f"{names[i]} ({float(ink[i]):.0%})" for i in torch.nonzero(ink > MOSTLY_INK).flatten().tolist()]
+    if dark:
+        listed = ", ".join(dark[:5]) + (f" and {len(dark) - 5} more" if len(dark) > 5 else "")
+        log.warning("mostly dark, so read as mostly ink: %s; the network reads strokes as dark on light paper: "
+                    "invert light-on-dark images, brighten dark backgrounds", listed)
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -607,6 +607,7 @@ def classify(
                      "(keyed by the model and the images), and write them there"),
     ] = True,
     device: DeviceOption = "auto",
+    skip_bad_images: SkipBadImagesOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Recognise each image among the classes of a support folder: the top classes with their scores."""
@@ -616,7 +617,7 @@ def classify(
 
         checkpoint = checkpoint or default_checkpoint()
         verifier = Verifier.from_checkpoint(checkpoint, device)
-        gallery = verifier.load_support(support, cache=cache)
+        gallery = verifier.load_support(support, cache=cache, skip_bad_images=skip_bad_images)
         results = verifier.classify(queries, gallery, top_k=top_k)
     how = "read from" if gallery.from_cache else "embedded, cached in" if gallery.cache_path else "embedded"
     where = f" {gallery.cache_path}" if gallery.cache_path else ""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .data.folders import visible_files
-from .data.images import IMAGE_SUFFIXES, decode_image, warn_of_dark_images
+from .data.images import IMAGE_SUFFIXES, decode_image, some_of, warn_of_dark_images
 from .errors import DataError
 from .files import atomic_write
 from .models import SiameseNetwork
@@ -123,7 +123,12 @@ def model_fingerprint(model: SiameseNetwork) -> str:
 
 
 def load_support(
-    folder: str | Path, embed: EmbedFn, model_key: str, cache: bool = True, dim: int | None = None
+    folder: str | Path,
+    embed: EmbedFn,
+    model_key: str,
+    cache: bool = True,
+    dim: int | None = None,
+    skip_bad_images: bool = False,
 ) -> Support:
     """Read a support folder and embed its images, or take the embeddings from the cache.
 
@@ -133,6 +138,8 @@ def load_support(
         model_key: identifies the model (see :func:`model_fingerprint`); part of the cache key.
         cache: read and write ``folder/.siamese-cache/``.
         dim: the length of the model's embeddings; a cache holding others is ignored (any length when None).
+        skip_bad_images: leave out unreadable images (listed in a warning, and the gallery not cached, so a later
+            load without skipping still sees them) instead of refusing the folder.
     """
     folder = Path(folder).expanduser()
     entries = scan_support(folder)
@@ -145,10 +152,7 @@ def load_support(
             raise DataError(f"{folder / relative}: cannot read ({error.strerror})") from None
         contents[relative] = data
         digest.update(f"{name}\0{relative}\0{hashlib.sha256(data).hexdigest()}\n".encode())
-    class_names = tuple(sorted({name for name, _ in entries}))
-    index = {name: i for i, name in enumerate(class_names)}
-    paths = tuple(relative for _, relative in entries)
-    labels = torch.tensor([index[name] for name, _ in entries], dtype=torch.int64)
+    class_names, paths, labels = _classes_of(entries)
     prefix = f"support-v{CACHE_VERSION}-{model_key[:12]}-"
     cache_path = folder / CACHE_DIR / f"{prefix}{digest.hexdigest()[:20]}.npz" if cache else None
 
@@ -156,7 +160,22 @@ def load_support(
         embeddings = _read_cache(cache_path, paths, dim)
         if embeddings is not None:
             return Support(folder, class_names, paths, labels, embeddings, cache_path, True, model_key)
-    pixels = torch.from_numpy(np.stack([decode_image(contents[p], str(folder / p)) for p in paths]))
+    canvases: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for relative in paths:
+        try:
+            canvases[relative] = decode_image(contents[relative], str(folder / relative))
+        except DataError as error:
+            if not skip_bad_images:
+                raise
+            problems.append(str(error))
+    if problems:
+        if not canvases:
+            raise DataError(f"{folder}: none of its {len(paths)} images can be read: {some_of(problems, 3, '; ')}")
+        log.warning("%s: skipping %d unreadable images: %s", folder, len(problems), some_of(problems, separator="; "))
+        class_names, paths, labels = _classes_of([entry for entry in entries if entry[1] in canvases])
+        cache_path = None  # a later load without skipping still sees them
+    pixels = torch.from_numpy(np.stack([canvases[p] for p in paths]))
     warn_of_dark_images(pixels, [str(folder / p) for p in paths])
     embeddings = embed(pixels).float().cpu()
     if cache_path is not None:
@@ -170,6 +189,14 @@ def load_support(
                         cache_path, error.strerror)
             cache_path = None
     return Support(folder, class_names, paths, labels, embeddings, cache_path, False, model_key)
+
+
+def _classes_of(entries: list[tuple[str, str]]) -> tuple[tuple[str, ...], tuple[str, ...], torch.Tensor]:
+    """The sorted class names, the image paths and their class indices of ``(class name, path)`` entries."""
+    class_names = tuple(sorted({name for name, _ in entries}))
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = torch.tensor([index[name] for name, _ in entries], dtype=torch.int64)
+    return class_names, tuple(relative for _, relative in entries), labels
 
 
 def _write_cache(path: Path, paths: tuple[str, ...], embeddings: torch.Tensor) -> None:

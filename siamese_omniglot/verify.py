@@ -130,9 +130,11 @@ class Verifier:
         Computed at each use (milliseconds), so that it follows weights changed in place."""
         return model_fingerprint(self.model)
 
-    def load_support(self, folder: str | Path, cache: bool = True) -> Support:
-        """Embed a support folder (``<class>/<image>`` or ``<class>.png``), or read it from its cache."""
-        return load_support(folder, self._embed_canvases, self.fingerprint, cache, dim=self.model.embedding_dim)
+    def load_support(self, folder: str | Path, cache: bool = True, skip_bad_images: bool = False) -> Support:
+        """Embed a support folder (``<class>/<image>`` or ``<class>.png``), or read it from its cache;
+        ``skip_bad_images`` leaves out unreadable images with a warning instead of refusing the folder."""
+        return load_support(folder, self._embed_canvases, self.fingerprint, cache, dim=self.model.embedding_dim,
+                            skip_bad_images=skip_bad_images)
 
     def classify(
         self, queries: ImageLike | list[ImageLike], support: str | Path | Support, top_k: int = 5, cache: bool = True

@@ -287,6 +287,42 @@ def test_cli_classify(tiny_checkpoint: Path, alphabet: Path, run_siamese, tmp_pa
     assert all(m["same"] == (m["score"] >= report["threshold"]) for m in second["matches"])
 
 
+def test_unreadable_support_images_are_refused_or_skipped_as_asked(
+    verifier: Verifier, alphabet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    support = five_shot_support(alphabet, tmp_path / "support")
+    first, second = character_folders(support)[:2]
+    broken = sorted(first.glob("*.png"))[0]
+    broken.write_bytes(b"not an image")
+    for image in second.glob("*.png"):
+        image.write_bytes(b"")  # a whole class unreadable
+    with pytest.raises(DataError, match=re.escape(f"{broken}: not a readable image")):
+        verifier.load_support(support)
+    with caplog.at_level("WARNING", logger="siamese_omniglot"):
+        gallery = verifier.load_support(support, skip_bad_images=True)
+    assert caplog.messages[0].startswith(f"{support}: skipping 6 unreadable images: {broken}: not a readable image")
+    assert gallery.class_names == tuple(p.name for p in character_folders(support) if p != second)
+    assert len(gallery) == 30 - 6 and gallery.labels.tolist() == sorted(gallery.labels.tolist())
+    assert gallery.cache_path is None and not (support / CACHE_DIR).exists()  # a load without skipping sees them
+    assert verifier.classify(sorted(first.glob("*.png"))[1], gallery)[0].best.class_name == first.name
+    with pytest.raises(DataError, match=re.escape(f"{second}: none of its 5 images can be read")):
+        verifier.load_support(second, skip_bad_images=True)
+
+
+def test_cli_classify_skips_bad_images_when_asked(
+    tiny_checkpoint: Path, alphabet: Path, run_siamese, tmp_path: Path
+) -> None:
+    support = one_shot_support(alphabet, tmp_path / "support")
+    broken = sorted(support.glob("*.png"))[0]
+    broken.write_bytes(b"")
+    query = sorted(character_folders(alphabet)[3].glob("*.png"))[0]
+    result = run_siamese("classify", query, "--support", support, "-c", tiny_checkpoint, "--device", "cpu",
+                         "--skip-bad-images", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"WARNING: {support}: skipping 1 unreadable images: {broken}: " in result.stderr
+    assert "5 classes, 5 images (embedded)" in result.stderr
+
+
 def test_cli_classify_without_a_support_folder_is_one_error_line(
     tiny_checkpoint: Path, alphabet: Path, run_siamese, tmp_path: Path
 ) -> None:
@@ -309,7 +345,7 @@ def test_a_gallery_s_dark_images_are_named_in_one_warning(
     assert len(caplog.messages) == 1, caplog.messages  # one per image before, as "image 0" … "image 6"
     named = sorted(support.glob("*/*.png"))[:5]
     assert caplog.messages[0].startswith(f"mostly dark, so read as mostly ink: {named[0]} (")
-    assert all(str(path) in caplog.messages[0] for path in named) and " and 2 more;" in caplog.messages[0]
+    assert all(str(path) in caplog.messages[0] for path in named) and ", … and 2 more;" in caplog.messages[0]
 
 
 def test_a_support_folder_that_is_a_file_is_called_one(alphabet: Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet, decode_image
+from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet, decode_image, some_of
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def decode_index(
     )
     if not problems:
         return images
-    listed = _listing(problems, separator="; ")
+    listed = some_of(problems, separator="; ")
     if not skip_bad:
         raise DataError(
             f"{source}: {len(problems)} of {len(index.paths)} images cannot be read: {listed}; "
@@ -159,14 +159,8 @@ def decode_index(
     if bool((counts < 2).any()):
         lost = [images.class_names[i] for i in torch.nonzero(counts < 2).flatten().tolist()]
         log.warning("%s: leaving out %d classes left with fewer than 2 images: %s", source, len(lost),
-                    _listing(lost))
+                    some_of(lost))
     usable = torch.nonzero(counts >= 2).flatten()
     if usable.numel() < 2:
         raise DataError(f"{source}: fewer than 2 classes keep 2 readable images; nothing to train on")
     return images.subset_classes(usable)
-
-
-def _listing(items: list[str], shown: int = 5, separator: str = ", ") -> str:
-    """The first ``shown`` items and how many more."""
-    more = len(items) - shown
-    return separator.join(items[:shown]) + (f"{separator}… and {more} more" if more > 0 else "")

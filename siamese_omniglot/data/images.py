@@ -168,9 +168,14 @@ def warn_of_dark_images(pixels: torch.Tensor, names: Sequence[str]) -> None:
     ink = 1 - pixels.flatten(1).float().mean(dim=1) / 255
     dark = [f"{names[i]} ({float(ink[i]):.0%})" for i in torch.nonzero(ink > MOSTLY_INK).flatten().tolist()]
     if dark:
-        listed = ", ".join(dark[:5]) + (f" and {len(dark) - 5} more" if len(dark) > 5 else "")
         log.warning("mostly dark, so read as mostly ink: %s; the network reads strokes as dark on light paper: "
-                    "invert light-on-dark images, brighten dark backgrounds", listed)
+                    "invert light-on-dark images, brighten dark backgrounds", some_of(dark))
+
+
+def some_of(items: Sequence[str], shown: int = 5, separator: str = ", ") -> str:
+    """The first ``shown`` items of a message's list, and how many more."""
+    more = len(items) - shown
+    return separator.join(items[:shown]) + (f"{separator}… and {more} more" if more > 0 else "")
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -76,9 +76,14 @@ def test_version_is_the_installed_distribution_s(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, told, "")
 
 
-def _imported(importtime_log: str) -> set[str]:
-    """The modules a ``python -X importtime`` run imported, from its log on standard error."""
-    return {line.rsplit("|", 1)[-1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
+def _run_logging_imports(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:
+    """``python -X importtime -m siamese_omniglot ARGS``: the run, the modules it imported (from the log on standard
+    error) and the rest of its standard error."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "siamese_omniglot", *args],
+                            capture_output=True, text=True, timeout=120, cwd=cwd)
+    log = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    told = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    return result, {line.rsplit("|", 1)[-1].strip() for line in log}, told
 
 
 def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
@@ -87,10 +92,9 @@ def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
 
     commands = [command.name or command.callback.__name__ for command in app.registered_commands]
     for args in [["--version"], ["--help"], *([name, "--help"] for name in commands)]:
-        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "siamese_omniglot", *args],
-                                capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        result, imported, _ = _run_logging_imports(args, tmp_path)
         assert result.returncode == 0 and ("Usage:" in result.stdout or args == ["--version"]), result.stderr[-2000:]
-        assert "siamese_omniglot.cli" in _imported(result.stderr) and "torch" not in _imported(result.stderr), args
+        assert "siamese_omniglot.cli" in imported and "torch" not in imported, args
 
 
 @pytest.mark.parametrize(("args", "told"), [
@@ -99,11 +103,9 @@ def test_help_answers_without_loading_torch(tmp_path: Path) -> None:
     (["train", "--preset", "fsat"], "error: unknown preset 'fsat': choose one of fast, wide, koch, seed"),
 ], ids=["device", "preset"])
 def test_a_misspelt_device_or_preset_is_refused_before_torch_loads(args: list[str], told: str, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "siamese_omniglot", *args],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    result, imported, lines = _run_logging_imports(args, tmp_path)
     assert (result.returncode, result.stdout, lines) == (2, "", [told])
-    assert "torch" not in _imported(result.stderr)  # seconds of loading, to be told of a typo, before
+    assert "torch" not in imported  # seconds of loading, to be told of a typo, before
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/<pid>/maps for torch's library")

@@ -53,7 +53,7 @@ class TrainConfig:
     widen: int | None = None  # fast backbone only: channel factor from each block to the next (None: backbone's 2)
     views: int | None = None  # shifted views averaged per embedding outside training: 1, 5 or 9 (None: backbone's)
     frame: float | None = None  # share of the input a framed character's longer side fills, 0 = off (None: backbone's)
-    log_every: int = 50  # steps between progress reports (the loop's only host syncs, besides float16's loss scaler)
+    log_every: int = 50  # steps between progress reports (the loop's only host syncs, but for float16 on sdaa)
 
     def __post_init__(self) -> None:
         if self.val_split not in VAL_SPLITS:

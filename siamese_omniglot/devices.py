@@ -126,6 +126,12 @@ def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(device.type)
 
 
+def fuses_optimizer(device: torch.device) -> bool:
+    """Whether the optimizer steps as torch's fused kernel on ``device``: on cpu and cuda, not on sdaa (whose
+    fused kernels are not known). Fused, a float16 loss scaler skips overflowed steps without a host sync."""
+    return device.type in ("cpu", "cuda")
+
+
 def distributed_backend(device: torch.device) -> str:
     """The collective backend for ``device``: tccl on sdaa, nccl on cuda, gloo on cpu."""
     return {"sdaa": "tccl", "cuda": "nccl"}.get(device.type, "gloo")

@@ -3,8 +3,9 @@
 The training images live on the training device as one uint8 tensor at the model's input size
 (in host memory when they do not fit: :mod:`siamese_omniglot.staging`); each step gathers a batch by
 index, distorts it on the device and runs the model. The loss is accumulated on the device and read
-once per log interval, the loop's only host synchronisation; float16 mixed precision (cuda, sdaa) adds one
-per step, torch's loss scaler reading whether the gradients overflowed before it steps the optimizer.
+once per log interval, the loop's only host synchronisation. The optimizer steps as one fused kernel on cpu and
+cuda, which also lets float16's loss scaler skip an overflowed step on the device; on sdaa the scaler reads
+whether the gradients overflowed, one host synchronisation per step.
 
 Two objectives:
 
@@ -389,6 +390,7 @@ class Trainer:
             momentum=config.momentum,
             nesterov=True,
             weight_decay=config.weight_decay,
+            fused=devices.fuses_optimizer(device),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -491,7 +493,7 @@ class Trainer:
             self.step += 1
             self.step_in_epoch += 1
             if self.step % config.log_every == 0 or self.step == self.stop_step:
-                # the loop's only host sync (besides float16's loss scaler): every rank reaches it at the same step
+                # the loop's only host sync (but for float16's scaler on sdaa): every rank reaches it at the same step
                 mean_loss = float(self.dist.all_reduce_mean(interval_loss)) / interval_steps
                 if not math.isfinite(mean_loss):
                     raise self._diverged(f"the loss became {mean_loss}")
@@ -782,6 +784,8 @@ class Trainer:
                 raise CheckpointError(f"{path}: has no classifier state for the classify objective")
             self.classifier.load_state_dict(training["classifier"])
         self.optimizer.load_state_dict(training["optimizer"])
+        for group in self.optimizer.param_groups:  # the kernel is this device's, not the one that saved the state
+            group["fused"] = devices.fuses_optimizer(self.device)
         self.scheduler.load_state_dict(training["scheduler"])
         if self.scaler is not None and training["scaler"] is not None:
             self.scaler.load_state_dict(training["scaler"])

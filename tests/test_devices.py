@@ -212,4 +212,5 @@ def test_device_answers(sdaa, kind, backend, dtype, amp):
     assert devices.amp_dtype(device) == dtype
     assert devices.amp_default(device) is amp
     assert devices.needs_grad_scaler(device, amp=True) is (dtype == torch.float16)
+    assert devices.fuses_optimizer(device) is (kind != "sdaa")
     assert devices.inference_dtype(device) == torch.float32

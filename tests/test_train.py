@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from siamese_omniglot import devices
 from siamese_omniglot.checkpoint import load_checkpoint
 from siamese_omniglot.config import TrainConfig, preset
 from siamese_omniglot.data import ImageSet, load_folder, seeded_generator
@@ -416,6 +417,45 @@ def test_a_checkpoint_whose_model_config_cannot_be_used_is_refused_by_resume(
     message = f"{tmp_path / 'last.pt'}: its training settings cannot be used ({reason}"
     with pytest.raises(CheckpointError, match=re.escape(message)):
         resume_config(tmp_path / "last.pt")
+
+
+def test_a_float16_step_and_an_overflowed_one_are_taken_without_reading_the_device(
+    small: ImageSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer(preset("fast", max_steps=2, batch_size=16, val_pairs=50), small, tmp_path, CPU)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # as float16 training on cuda has one
+    weight = next(trainer.model.parameters())
+    reads: list[str] = []
+    for name in ("item", "__bool__", "tolist"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, read=read, name=name: reads.append(name) or read(self))
+    before = weight.detach().clone()
+    trainer.optimize(lambda: weight.float().square().sum())
+    stepped = weight.detach().clone()
+    trainer.optimize(lambda: weight.float().sum() * math.inf)  # gradients overflow: the step is skipped
+    monkeypatch.undo()
+    assert reads == []  # unfused, the scaler read whether the gradients overflowed at every step
+    assert not torch.equal(stepped, before) and torch.equal(weight.detach(), stepped)
+    assert trainer.scaler.get_scale() == 2.0**7
+
+
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_a_resumed_optimizer_steps_with_this_devices_kernel(
+    small: ImageSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_fused: bool
+) -> None:
+    config = preset("fast", max_steps=8, batch_size=16, val_pairs=50)
+    Trainer(config, small, tmp_path, CPU).fit(stop_after=5)
+    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    for group in state["training"]["optimizer"]["param_groups"]:
+        group["fused"] = saved_fused  # as saved on cuda (fused) or sdaa and by earlier versions (not)
+    torch.save(state, tmp_path / "last.pt")
+    monkeypatch.setattr(devices, "fuses_optimizer", lambda device: not saved_fused)  # the other kind of device
+    resumed = Trainer(config, small, tmp_path, CPU)
+    resumed.fit(resume=tmp_path / "last.pt")
+    assert [group["fused"] for group in resumed.optimizer.param_groups] == [not saved_fused] * len(
+        resumed.optimizer.param_groups
+    )
+    assert resumed.step == 8
 
 
 def test_refuses_to_overwrite_a_run(classify_run: dict, small: ImageSet) -> None:

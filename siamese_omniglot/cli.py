@@ -725,5 +725,5 @@ def _require_plotting() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Run the command line (the console script does, from :mod:`siamese_omniglot.__main__`, once it has loaded)."""
     app()

@@ -131,6 +131,33 @@ def test_ctrl_c_while_torch_loads_is_one_line(
     assert (process.returncode, out, err) == (130, "", told)
 
 
+INTERRUPT_WHILE_IMPORTING = """\
+import os, signal, sys
+
+
+class InterruptWhileImporting:
+    \"\"\"Sends this process a Ctrl-C (SIGINT) when {module} starts to be imported.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+sys.meta_path.insert(0, InterruptWhileImporting())
+"""
+
+
+@pytest.mark.parametrize(("rank", "told"), [(None, "interrupted\n"), ("1", "")], ids=["alone", "rank-1"])
+def test_ctrl_c_while_the_command_line_loads_is_one_line(rank: str | None, told: str, tmp_path: Path) -> None:
+    """Ctrl-C in the first tenths of a second, while typer and rich import, gave a KeyboardInterrupt traceback."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_WHILE_IMPORTING.format(module="typer"))
+    env = os.environ | {"PYTHONPATH": str(tmp_path)} | ({} if rank is None else {"WORLD_SIZE": "2", "RANK": rank})
+    for command in ([SIAMESE], [sys.executable, "-m", "siamese_omniglot"]):
+        result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, env=env)
+        assert (result.returncode, result.stdout, result.stderr) == (130, "", told), command
+
+
 def test_train_writes_a_run(trained: tuple[subprocess.CompletedProcess, Path]) -> None:
     result, out = trained
     assert result.returncode == 0, result.stderr

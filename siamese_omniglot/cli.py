@@ -125,9 +125,9 @@ def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> I
 
 @contextlib.contextmanager
 def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
-    """A progress callback ``(what, done, total)``: a Rich bar on a terminal, nothing otherwise."""
+    """A progress callback ``(what, done, total)``: a Rich bar on a terminal, else :func:`_plain_progress`."""
     if not err.is_terminal:
-        yield lambda what, done, total: None
+        yield _plain_progress()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as progress:
@@ -139,6 +139,25 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
             progress.update(tasks[what], completed=done)
 
         yield update
+
+
+def _plain_progress(
+    every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+) -> Callable[[str, int, int], None]:
+    """Progress where standard error is no terminal (a log file, CI): a line such as ``decode images_background:
+    41%, under a minute left`` every ``every_s`` seconds of a task, none for a task done sooner."""
+    started: dict[str, float] = {}
+    told: dict[str, float] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        now = clock()
+        began = started.setdefault(what, now)
+        if 0 < done < total and now - told.get(what, began) >= every_s:
+            told[what] = now
+            left = _time_left((now - began) * (total - done) / done)
+            err.print(f"{what}: {done / total:.0%}, {left}", highlight=False)
+
+    return update
 
 
 def _setup_logging() -> None:

@@ -329,6 +329,24 @@ def test_counts_and_times_left_read_as_words() -> None:
         "under a minute left", "about 7 min left", "about 2 h 05 min left"]
 
 
+def test_progress_without_a_terminal_is_a_line_every_ten_seconds_of_a_long_task(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A log file or CI got no word of a download or a decoding, however long it took."""
+    from siamese_omniglot.cli import _plain_progress
+
+    now = [0.0]
+    update = _plain_progress(clock=lambda: now[0])
+    for second, done in [(0, 0), (4, 8), (10, 20), (15, 60), (20, 100), (25, 1000)]:
+        now[0] = second
+        update("decode images_background", done, 1000)
+    update("embed images", 5, 5)  # a task done at once says nothing
+    assert capsys.readouterr().err.splitlines() == [
+        "decode images_background: 2%, about 8 min left",
+        "decode images_background: 10%, about 3 min left",
+    ]
+
+
 def test_the_reference_spellings_are_kept_out_of_the_help() -> None:
     code = "import sys; from siamese_omniglot.cli import main; sys.argv[0] = 'siamese'; main()"
     result = subprocess.run([sys.executable, "-c", code, "train", "--help"], capture_output=True, text=True,

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -116,8 +115,7 @@ def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> I
             defer_to_rank0()
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would interrupt the shutdown with a traceback
+    except KeyboardInterrupt:  # the process then ignores a second one (siamese_omniglot.__main__), a caller does not
         if not secondary:  # rank 0, or the command that launched the ranks, tells it
             err.print(interrupted, highlight=False)
         raise typer.Exit(130) from None

@@ -312,12 +312,33 @@ def test_ctrl_c_is_one_line_about_what_the_command_writes(
     try:
         with pytest.raises(typer.Exit) as stopped:
             getattr(cli, command)(**({"first": Path("a.png"), "second": Path("b.png")} if command == "compare" else {}))
+        assert signal.getsignal(signal.SIGINT) == handler  # a caller in the same process can still be interrupted
+    finally:
+        signal.signal(signal.SIGINT, handler)  # the processes this suite starts would inherit an ignored signal
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.strip() == told  # compare said checkpoints were intact, as if it wrote any
+
+
+def test_an_interrupted_console_script_ignores_a_second_ctrl_c_while_it_shuts_down(
+    image_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from siamese_omniglot import __main__ as console_script
+    from siamese_omniglot import verify
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C arrives during the work
+
+    monkeypatch.setattr(verify.Verifier, "from_checkpoint", interrupted)
+    monkeypatch.setattr(sys, "argv", ["siamese", "compare", *map(str, image_pair)])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            console_script.main()
         # a second Ctrl-C cannot interrupt the shutdown (a traceback from torch's exit handlers before)
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, handler)  # the processes this suite starts would inherit the ignored signal
-    assert stopped.value.exit_code == 130
-    assert capsys.readouterr().err.strip() == told  # compare said checkpoints were intact, as if it wrote any
+    assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
 def test_counts_and_times_left_read_as_words() -> None:

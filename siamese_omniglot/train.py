@@ -222,6 +222,23 @@ def _weights_id(state: dict) -> tuple[int, tuple[int, ...]]:
     return state["training"]["step"], tuple(state.get("averaged_epochs", ()))
 
 
+def _lay_out_momentum(optimizer: torch.optim.SGD) -> None:
+    """Give every weight a momentum buffer in its own memory layout: zeros where it has none yet, which update to
+    the gradient itself as torch's first step sets it (there is no dampening), and a copy of a buffer laid out
+    otherwise. Fused kernels need both: on a first step the loss scaler skips they keep buffers they never wrote,
+    and they read a buffer element by element in the weight's layout."""
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for weight in group["params"]:
+            state = optimizer.state[weight]
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                state["momentum_buffer"] = torch.zeros_like(weight)
+            elif buffer.stride() != weight.stride():
+                state["momentum_buffer"] = torch.empty_like(weight).copy_(buffer)
+
+
 def warm_cosine(step: int, total: int, warmup_fraction: float, min_fraction: float) -> float:
     """Learning-rate factor: linear warm-up, then cosine decay to ``min_fraction``."""
     warmup = max(1, int(total * warmup_fraction))
@@ -392,6 +409,7 @@ class Trainer:
             weight_decay=config.weight_decay,
             fused=devices.fuses_optimizer(device),
         )
+        _lay_out_momentum(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: warm_cosine(step, self.total_steps, config.warmup_fraction, config.min_lr_fraction),
@@ -786,6 +804,7 @@ class Trainer:
         self.optimizer.load_state_dict(training["optimizer"])
         for group in self.optimizer.param_groups:  # the kernel is this device's, not the one that saved the state
             group["fused"] = devices.fuses_optimizer(self.device)
+        _lay_out_momentum(self.optimizer)  # saved on sdaa, contiguous; here channels-last, as the weights
         self.scheduler.load_state_dict(training["scheduler"])
         if self.scaler is not None and training["scaler"] is not None:
             self.scaler.load_state_dict(training["scaler"])

@@ -20,7 +20,7 @@ def lazy_exports(
     exports = {name: module for module, names in modules.items() for name in names}
 
     def submodule(name: str) -> object:
-        if name.isidentifier() and not name.startswith("_"):  # "data.roots" names no attribute; "__main__" runs
+        if name.isidentifier() and not name.startswith("_"):  # "data.roots" names no attribute, "_lazy" none public
             try:
                 return importlib.import_module(f".{name}", package)
             except ModuleNotFoundError as error:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import siamese_omniglot as so
-from siamese_omniglot import cli, train
+from siamese_omniglot import __main__ as console_script
+from siamese_omniglot import train
 
 saves: list[str] = []
 _save = train.save_checkpoint
@@ -62,4 +63,4 @@ if __name__ == "__main__":
         shutdown(context)
     else:
         sys.argv = ["siamese", *sys.argv[1:]]
-        cli.main()
+        console_script.main()

@@ -49,7 +49,9 @@ def test_submodules_are_attributes_and_unknown_names_are_attribute_errors() -> N
     with pytest.raises(AttributeError, match="has no attribute 'data.roots'"):
         getattr(siamese_omniglot, "data.roots")  # a dotted path is no attribute, though it names a module
     assert not hasattr(siamese_omniglot.data, "no_such_name")
-    assert not hasattr(siamese_omniglot, "__main__")  # looking for it ran the command line, which exited, before
+    code = "import siamese_omniglot; print(hasattr(siamese_omniglot, '__main__'))"  # a process that never ran it
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "False\n"), result.stderr  # it ran the command line before
 
 
 def test_a_submodule_s_own_missing_import_is_not_hidden_as_a_missing_attribute(tmp_path: Path) -> None:

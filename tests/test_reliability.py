@@ -74,7 +74,7 @@ def _cli_child(argv: list[str], stdout: str, stderr: str, cwd: str) -> None:
     logging.getLogger("siamese_omniglot").handlers.clear()  # the CLI adds its own on the new stderr
     torch.set_num_threads(1)
     sys.argv = ["siamese", *argv]
-    from siamese_omniglot.cli import main
+    from siamese_omniglot.__main__ import main
 
     try:
         main()

@@ -466,6 +466,14 @@ def test_unsafe_archive_entry_is_refused(tmp_path):
     assert not (tmp_path.parent / "evil.png").exists()
 
 
+def test_decoding_is_reported_under_the_tree_s_name(mini_evaluation: Path, tmp_path: Path) -> None:
+    tree = shutil.copytree(mini_evaluation, tmp_path / "my_characters", ignore=shutil.ignore_patterns(".*"))
+    told: list[tuple[str, int, int]] = []
+    images = load_folder(tree, progress=lambda *report: told.append(report))
+    assert {what for what, _, _ in told} == {"decode my_characters"}  # "decode folder" for every tree before
+    assert told[-1][1:] == (len(images), len(images)) == (360, 360)
+
+
 def test_missing_archive_and_a_mirror_without_it(tmp_path):
     root, mirror = tmp_path / "root", tmp_path / "mirror"
     mirror.mkdir()

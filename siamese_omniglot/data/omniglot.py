@@ -322,7 +322,7 @@ def _load_cached(
     index = index_paths(source.list(), str(source.path))
     if check is not None:
         _check_contents(source, index, check)
-    report = (lambda d, t: progress(f"decode {name}", d, t)) if progress else None
+    report = (lambda d, t: progress(f"decode {source.path.name}", d, t)) if progress else None  # the archive or tree
     images = decode_index(index, source.read, report, skip_bad=skip_bad, source=str(source.path))
     if len(images) < len(index.paths):
         return images  # bad images were skipped: not cached, so a later run without skipping still sees them

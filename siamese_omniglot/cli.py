@@ -195,11 +195,7 @@ def train(
         typer.Option("--preset", callback=_known_preset,
                      help=f"Training preset: {', '.join(PRESETS)} \\[default: fast]"),
     ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="Data root: Omniglot archives or folders, or a custom "
-                     f"<group>/<class>/<image> tree \\[default: ${DATA_ENV}, else ./{DEFAULT_ROOT}]"),
-    ] = None,
+    data: DataOption = None,
     mirror: MirrorOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder \\[default: logs/<timestamp>]")] = None,
     epochs: Annotated[

@@ -803,7 +803,7 @@ class Trainer:
             self.classifier.load_state_dict(training["classifier"])
         self.optimizer.load_state_dict(training["optimizer"])
         for group in self.optimizer.param_groups:  # the kernel is this device's, not the one that saved the state
-            group["fused"] = devices.fuses_optimizer(self.device)
+            group["fused"] = self.optimizer.defaults["fused"]
         _lay_out_momentum(self.optimizer)  # saved on sdaa, contiguous; here channels-last, as the weights
         self.scheduler.load_state_dict(training["scheduler"])
         if self.scaler is not None and training["scaler"] is not None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,19 @@ def test_error_line_prints_paths_verbatim(image_pair: tuple[Path, Path], tmp_pat
     assert result.stderr.strip() == f"error: {missing}: no such checkpoint"
 
 
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # as Ctrl-C arrives during the work
+
+
+@pytest.fixture
+def sigint_handler() -> Iterator[object]:
+    """The SIGINT handler before the test, restored after it: the processes this suite starts would inherit an
+    ignored signal."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield handler
+    signal.signal(signal.SIGINT, handler)
+
+
 @pytest.mark.parametrize(("command", "rank", "told"), [
     ("compare", None, "interrupted"),
     ("compare", "1", "interrupted"),  # a lone command in a job's environment: silent before
@@ -293,7 +307,7 @@ def test_error_line_prints_paths_verbatim(image_pair: tuple[Path, Path], tmp_pat
     ("train", "1", ""),  # a training job's rank 1: rank 0 tells it
 ])
 def test_ctrl_c_is_one_line_about_what_the_command_writes(
-    command: str, rank: str | None, told: str, monkeypatch, capsys
+    command: str, rank: str | None, told: str, monkeypatch, capsys, sigint_handler: object
 ) -> None:
     import typer
 
@@ -303,41 +317,28 @@ def test_ctrl_c_is_one_line_about_what_the_command_writes(
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", rank)
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # as Ctrl-C arrives during the work
-
     monkeypatch.setattr(verify.Verifier, "from_checkpoint", interrupted)  # compare's first step
     monkeypatch.setattr(staging, "check_placement", interrupted)  # one of train's first steps
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(typer.Exit) as stopped:
-            getattr(cli, command)(**({"first": Path("a.png"), "second": Path("b.png")} if command == "compare" else {}))
-        assert signal.getsignal(signal.SIGINT) == handler  # a caller in the same process can still be interrupted
-    finally:
-        signal.signal(signal.SIGINT, handler)  # the processes this suite starts would inherit an ignored signal
+    with pytest.raises(typer.Exit) as stopped:
+        getattr(cli, command)(**({"first": Path("a.png"), "second": Path("b.png")} if command == "compare" else {}))
+    assert signal.getsignal(signal.SIGINT) == sigint_handler  # a caller in the same process can still be interrupted
     assert stopped.value.exit_code == 130
     assert capsys.readouterr().err.strip() == told  # compare said checkpoints were intact, as if it wrote any
 
 
 def test_an_interrupted_console_script_ignores_a_second_ctrl_c_while_it_shuts_down(
-    image_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    image_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    sigint_handler: object,
 ) -> None:
     from siamese_omniglot import __main__ as console_script
     from siamese_omniglot import verify
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # as Ctrl-C arrives during the work
-
     monkeypatch.setattr(verify.Verifier, "from_checkpoint", interrupted)
     monkeypatch.setattr(sys, "argv", ["siamese", "compare", *map(str, image_pair)])
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            console_script.main()
-        # a second Ctrl-C cannot interrupt the shutdown (a traceback from torch's exit handlers before)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, handler)  # the processes this suite starts would inherit the ignored signal
+    with pytest.raises(SystemExit) as stopped:
+        console_script.main()
+    # a second Ctrl-C cannot interrupt the shutdown (a traceback from torch's exit handlers before)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 

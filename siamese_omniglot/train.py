@@ -28,7 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
@@ -96,6 +98,7 @@ class EpochMetrics:
 
 
 NO_SCORE = (-math.inf, -math.inf)  # the best score of a run before any epoch has ended
+SCHEDULE_ORDER_WARNING = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"  # torch's
 
 
 class EpochSoFar(NamedTuple):
@@ -581,7 +584,12 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
-        self.scheduler.step()
+        if self.step == 0:  # a first step the loss scaler skipped is no misuse of the schedule, as torch warns
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", re.escape(SCHEDULE_ORDER_WARNING), UserWarning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         return loss.detach()
 
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

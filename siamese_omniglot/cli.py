@@ -31,6 +31,7 @@ from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .ranks import defer_to_rank0, is_secondary_rank
 
 if TYPE_CHECKING:  # torch and what needs it are imported inside the commands, so --help answers at once
+    from .data.omniglot import ProgressFn
     from .train import Validation
 
 app = typer.Typer(
@@ -122,7 +123,7 @@ def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> I
 
 
 @contextlib.contextmanager
-def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
+def _progress_bar() -> Iterator[ProgressFn]:
     """A progress callback ``(what, done, total)``: a Rich bar on a terminal, else :func:`_plain_progress`."""
     if not err.is_terminal:
         yield _plain_progress()
@@ -141,7 +142,7 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
 
 def _plain_progress(
     every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
-) -> Callable[[str, int, int], None]:
+) -> ProgressFn:
     """Progress where standard error is no terminal (a log file, CI): a line such as ``decode images_background:
     41%, under a minute left`` every ``every_s`` seconds of a task, none for a task done sooner."""
     started: dict[str, float] = {}

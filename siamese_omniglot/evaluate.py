@@ -12,7 +12,6 @@ Protocols:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from .data.episodes import Episodes, LakeRuns
 from .data.images import to_ink
+from .data.omniglot import ProgressFn
 from .data.pairs import Pairs
 from .models import SiameseNetwork
 
@@ -31,7 +31,7 @@ def embed_pixels(
     device: torch.device,
     batch_size: int = 128,
     views: int | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """Embeddings [N, D] (float32, on ``device``) of uint8 images [N, H, W], in eval mode, each averaged over
     ``views`` shifted views (default: the model's own). ``progress(what, done, total)`` is told the images done

@@ -16,9 +16,6 @@ from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet, decode_image, some_of
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
-
-
 @dataclass(frozen=True)
 class ImageIndex:
     """Where each image of a tree is, grouped into classes and groups (names sorted)."""
@@ -117,7 +114,7 @@ def _tree_name(source: str) -> str:
 def decode_index(
     index: ImageIndex,
     read: Callable[[str], bytes],
-    progress: ProgressFn | None = None,
+    progress: Callable[[int, int], None] | None = None,
     skip_bad: bool = False,
     source: str = "the data set",
 ) -> ImageSet:

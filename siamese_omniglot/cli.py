@@ -80,7 +80,7 @@ SkipBadImagesOption = Annotated[
 ]
 # what `eval` draws and scores in memory at once: a few GB at these sizes
 MOST_PAIRS = 10_000_000  # --pairs (same and different each)
-MOST_CANDIDATES = 10_000_000  # --trials × --way
+MOST_SUPPORT_IMAGES = 10_000_000  # --trials × --way × --shot
 CheckpointOption = Annotated[
     Path | None,
     typer.Option("--checkpoint", "-c", help="Trained checkpoint (best.pt) \\[default: the bundled fast model]",
@@ -500,9 +500,9 @@ def evaluate(
         design = NEGATIVES[negatives]
         if pairs > MOST_PAIRS:
             raise ConfigError(f"--pairs {pairs}: at most {MOST_PAIRS:,} same and different pairs each fit in memory")
-        if trials * way > MOST_CANDIDATES:
-            raise ConfigError(f"--trials {trials} × --way {way}: at most {MOST_CANDIDATES:,} candidates in all fit in "
-                              "memory; lower --trials")
+        if trials * way * shot > MOST_SUPPORT_IMAGES:
+            raise ConfigError(f"--trials {trials} × --way {way} × --shot {shot}: at most {MOST_SUPPORT_IMAGES:,} "
+                              "support images in all fit in memory; lower --trials")
         if plot is not None:
             _require_plotting()
             if plot.exists() and not plot.is_dir():

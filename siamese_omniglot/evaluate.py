@@ -129,7 +129,7 @@ def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
     thresholds, false_accept, false_reject = _sweep(scores, same)
     i = int((false_accept + false_reject).argmin())
     lower = thresholds[i - 1] if i > 0 else thresholds[i] - 1e-6
-    return float((thresholds[i] + lower) / 2)
+    return max(0.0, float((thresholds[i] + lower) / 2))  # a score, as a checkpoint's threshold must be
 
 
 def binomial_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -202,10 +202,12 @@ def _result(protocol: str, correct: torch.Tensor, way: int, shot: int) -> OneSho
 def episode_logits(model: SiameseNetwork, embeddings: torch.Tensor, episodes: Episodes) -> torch.Tensor:
     """Candidate logits [T, N] of N-way K-shot episodes: each candidate's mean logit over its K shots (CPU)."""
     device = embeddings.device
-    queries = embeddings[episodes.queries.to(device)][:, None, None, :]  # [T, 1, 1, D]
-    support = embeddings[episodes.support.to(device)]  # [T, N, K, D]
-    chunks = zip(queries.split(256), support.split(256), strict=True)
-    return torch.cat([model.score_embeddings(q, s).float().mean(-1) for q, s in chunks]).cpu()
+    # gathered a chunk of trials at a time: all of them at once take T·N·K·D floats
+    chunks = zip(episodes.queries.to(device).split(256), episodes.support.to(device).split(256), strict=True)
+    return torch.cat([
+        model.score_embeddings(embeddings[queries][:, None, None, :], embeddings[support]).float().mean(-1)
+        for queries, support in chunks  # [t, 1, 1, D] against [t, N, K, D]
+    ]).cpu()
 
 
 def hardest_episodes(logits: torch.Tensor, answers: torch.Tensor, count: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from siamese_omniglot.evaluate import (
     best_threshold,
     binomial_interval,
     embed_pixels,
+    episode_logits,
     equal_error_rate,
     lake_runs_accuracy,
     one_shot_accuracy,
@@ -73,6 +74,11 @@ def test_equal_error_rate_and_best_threshold(scores: list, same: list, eer: floa
     scores_t, same_t = torch.tensor(scores), torch.tensor(same)
     assert equal_error_rate(scores_t, same_t) == pytest.approx(eer)
     assert best_threshold(scores_t, same_t) == pytest.approx(threshold, abs=1e-6)
+
+
+def test_the_best_threshold_stays_a_score_where_accepting_every_pair_is_best() -> None:
+    """The midpoint below the lowest score fell under 0 here: a threshold that checkpoints refuse."""
+    assert best_threshold(torch.tensor([1e-8, 1e-8, 0.8, 0.9]), torch.tensor([True, True, False, False])) == 0.0
 
 
 def brute_force_rates(scores: list[int], same: list[bool], threshold: int) -> tuple[float, float]:
@@ -165,6 +171,31 @@ def test_one_shot_accuracy_is_chance_when_embeddings_carry_no_information(evalua
     result = one_shot_accuracy(model, torch.zeros(len(evaluation_images), model.embedding_dim), episodes)
     assert result.accuracy == pytest.approx(float((episodes.answers == 0).float().mean()))
     assert result.ci_low < 1 / 5 < result.ci_high
+
+
+class GatherRecorder(torch.Tensor):
+    """Embeddings that record the shape of every gather from them."""
+
+    gathered: list[tuple[int, ...]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # torch's protocol
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.Tensor.__getitem__:
+            cls.gathered.append(tuple(result.shape))
+        return result
+
+
+def test_episode_logits_gather_a_chunk_of_trials_at_a_time(evaluation_images: ImageSet) -> None:
+    """All 600 trials' support embeddings at once take T·N·K·D floats: 22 GB for 10 million 20-way trials."""
+    model = distance_model(-1.0)
+    embeddings = torch.randn(len(evaluation_images), model.embedding_dim, generator=torch.Generator().manual_seed(3))
+    episodes = sample_episodes(evaluation_images, way=5, shot=2, trials=600, seed=0)
+    GatherRecorder.gathered = []
+    logits = episode_logits(model, embeddings.as_subclass(GatherRecorder), episodes)
+    assert max(shape[0] for shape in GatherRecorder.gathered) == 256
+    support, queries = embeddings[episodes.support], embeddings[episodes.queries][:, None, None, :]
+    torch.testing.assert_close(logits.as_subclass(torch.Tensor), -(support - queries).abs().sum(-1).mean(-1))
 
 
 @pytest.fixture(scope="module")

@@ -1030,8 +1030,8 @@ def test_resume_reports_progress_at_a_new_interval(tiny_tree: Path, tmp_path: Pa
 def test_eval_refuses_sizes_beyond_memory(weights: Path, tmp_path: Path) -> None:
     run = run_cli("eval", weights, "--pairs", 10**8, "--device", "cpu", cwd=tmp_path)
     assert_refused(run, "--pairs 100000000: at most 10,000,000 same and different pairs each fit in memory")
-    run = run_cli("eval", weights, "--trials", 10**7, "--way", 47, "--shot", 19, "--device", "cpu", cwd=tmp_path)
-    assert_refused(run, "--trials 10000000 × --way 47: at most 10,000,000 candidates in all fit in memory")
+    run = run_cli("eval", weights, "--trials", 10**5, "--way", 20, "--shot", 6, "--device", "cpu", cwd=tmp_path)
+    assert_refused(run, "--trials 100000 × --way 20 × --shot 6: at most 10,000,000 support images in all fit in memory")
 
 
 def test_train_refuses_an_out_folder_under_a_file(tiny_tree: Path, tmp_path: Path) -> None:

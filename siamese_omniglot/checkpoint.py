@@ -86,6 +86,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
     except Exception as error:  # truncated, empty, text, foreign formats: torch raises many types
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:  # before its keys:
+        raise CheckpointError(  # a newer format may name them otherwise
+            f"{path}: checkpoint format {version} is newer than this version reads ({FORMAT_VERSION}); "
+            "upgrade siamese-omniglot"
+        )
     required = {"format_version", "model", "model_config", "threshold"}
     if not isinstance(state, dict) or not required <= state.keys():
         raise CheckpointError(f"{path}: not a siamese-omniglot checkpoint (needs {', '.join(sorted(required))})")
@@ -95,11 +101,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a siamese-omniglot checkpoint ({wrong[0]} has the wrong type)")
     if not 0 <= state["threshold"] <= 1:  # NaN too
         raise CheckpointError(f"{path}: its threshold {state['threshold']!r} is not a score between 0 and 1")
-    if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {state['format_version']} is newer than this version reads "
-            f"({FORMAT_VERSION}); upgrade siamese-omniglot"
-        )
     return state
 
 

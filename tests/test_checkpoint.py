@@ -90,8 +90,12 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert marker.is_dir()
 
 
-def test_newer_format_is_refused(tmp_path: Path) -> None:
-    path = save_checkpoint(model_state() | {"format_version": FORMAT_VERSION + 1}, tmp_path / "new.pt")
+@pytest.mark.parametrize("renamed", [False, True], ids=["same-keys", "renamed-keys"])
+def test_newer_format_is_refused(tmp_path: Path, renamed: bool) -> None:
+    state = model_state() | {"format_version": FORMAT_VERSION + 1}
+    if renamed:  # a later format may name or type its keys otherwise: still "upgrade", not "no checkpoint"
+        state["thresholds"] = {"pair": state.pop("threshold")}
+    path = save_checkpoint(state, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match=f"format {FORMAT_VERSION + 1} is newer.*upgrade siamese-omniglot"):
         load_checkpoint(path)
 

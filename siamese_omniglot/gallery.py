@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.folders import visible_files
-from .data.images import IMAGE_SUFFIXES, decode_image, some_of, warn_of_dark_images
+from .data.folders import visible_images
+from .data.images import decode_image, some_of, warn_of_dark_images
 from .errors import DataError
 from .files import atomic_write
 from .models import SiameseNetwork
@@ -97,9 +97,7 @@ def scan_support(folder: str | Path) -> list[tuple[str, str]]:
         what = "is a file, not a folder" if folder.exists() else "no such folder"
         raise DataError(f"{folder}: {what} (expected a support folder of <class>/<image> or <class>.png)")
     found: list[tuple[str, str]] = []
-    for relative in visible_files(folder):
-        if relative.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
+    for relative in visible_images(folder):
         if len(relative.parts) > 2:
             raise DataError(
                 f"{folder}: {relative} is too deep; a support folder holds <class>/<image> or <class>.png "

@@ -536,7 +536,7 @@ def test_a_tree_is_walked_once_per_load_so_its_cache_holds_what_its_key_names(mi
     root = shutil.copytree(mini_evaluation, tmp_path / "tree", ignore=NO_CACHE)
     first = sorted(root.rglob("*.png"))[0]
     added = first.with_name("added.png")
-    walk, walks = omniglot_module.visible_files, []
+    walk, walks = omniglot_module.visible_images, []
 
     def walk_then_add(folder):
         walks.append(folder)
@@ -544,7 +544,7 @@ def test_a_tree_is_walked_once_per_load_so_its_cache_holds_what_its_key_names(mi
         shutil.copy(first, added)  # a file that arrives while the tree is being loaded
         return files
 
-    monkeypatch.setattr(omniglot_module, "visible_files", walk_then_add)
+    monkeypatch.setattr(omniglot_module, "visible_images", walk_then_add)
     during = load_folder(root)
     monkeypatch.undo()
     added.unlink()
@@ -572,6 +572,30 @@ def test_a_file_name_that_is_not_utf8_is_a_data_error(mini_evaluation, tmp_path)
     shutil.copy(next(folder.glob("*.png")), os.fsencode(folder) + b"/caf\xe9.png")  # a Latin-1 name
     with pytest.raises(DataError, match=r"caf\\xe9\.png: the file name is not valid UTF-8; rename it"):
         load_folder(root)  # a UnicodeEncodeError traceback before
+
+
+def test_hidden_and_other_files_with_names_that_are_not_utf8_are_skipped_as_other_such_files(mini_evaluation, tmp_path):
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree", ignore=NO_CACHE)
+    folder = next(p for p in sorted(root.glob("*/*")) if p.is_dir())
+    image = next(folder.glob("*.png"))
+    shutil.copy(image, os.fsencode(folder) + b"/._caf\xe9.png")  # macOS's AppleDouble file of a Latin-1 name
+    (Path(os.fsdecode(os.fsencode(folder) + b"/notes-caf\xe9.txt"))).write_text("not an image")
+    assert torch.equal(load_folder(root).pixels, load_folder(mini_evaluation).pixels)  # the tree was refused before
+
+
+def test_a_folder_that_cannot_be_listed_is_a_data_error_not_classes_missing(mini_evaluation, tmp_path, monkeypatch):
+    root = shutil.copytree(mini_evaluation, tmp_path / "tree", ignore=NO_CACHE)
+    folder = next(p for p in sorted(root.glob("*/*")) if p.is_dir())
+    scandir = os.scandir
+
+    def unreadable(path):  # as chmod 000 makes a folder for anyone but root
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable)
+    with pytest.raises(DataError, match=re.escape(f"{folder}: cannot list this folder (Permission denied)")):
+        load_folder(root)  # trained on the other classes, silently, before
 
 
 def test_a_folder_of_images_without_class_folders_is_refused_not_taken_for_omniglot(mini_evaluation, tmp_path):

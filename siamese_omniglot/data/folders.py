@@ -16,6 +16,7 @@ from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet, decode_image, some_of
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ImageIndex:
     """Where each image of a tree is, grouped into classes and groups (names sorted)."""
@@ -27,17 +28,19 @@ class ImageIndex:
     group_names: tuple[str, ...]
 
 
-def visible_files(root: Path) -> list[PurePosixPath]:
-    """Every file under ``root`` that no hidden file or folder holds, as paths relative to it, sorted.
+def visible_images(root: Path) -> list[PurePosixPath]:
+    """Every image file (by its suffix) under ``root`` that no hidden file or folder holds, as paths relative to
+    it, sorted.
 
     Symlinked folders are followed (each real folder once, so a link loop ends), as symlinked files are.
 
     Raises:
-        DataError: a name that is not valid UTF-8, which no cache or report could hold.
+        DataError: a folder that cannot be listed (its classes would be missing), or an image name that is not valid
+            UTF-8, which no cache or report could hold.
     """
     found: list[PurePosixPath] = []
     seen: set[tuple[int, int]] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in os.walk(root, onerror=_unlisted, followlinks=True):
         stat = os.stat(folder)
         if (stat.st_dev, stat.st_ino) in seen:
             subfolders.clear()
@@ -47,14 +50,20 @@ def visible_files(root: Path) -> list[PurePosixPath]:
         relative = Path(folder).relative_to(root)
         for name in files:
             path = relative / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not (root / path).is_file():
+                continue
             try:
                 str(path).encode()
             except UnicodeEncodeError:
                 shown = os.fsencode(root / path).decode(errors="backslashreplace")
                 raise DataError(f"{shown}: the file name is not valid UTF-8; rename it") from None
-            if not name.startswith(".") and (root / path).is_file():
-                found.append(PurePosixPath(path.as_posix()))
+            found.append(PurePosixPath(path.as_posix()))
     return sorted(found)
+
+
+def _unlisted(error: OSError) -> None:
+    shown = os.fsencode(error.filename).decode(errors="backslashreplace")
+    raise DataError(f"{shown}: cannot list this folder ({error.strerror or error})")
 
 
 def index_paths(paths: Sequence[str], source: str) -> ImageIndex:

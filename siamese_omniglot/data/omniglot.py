@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, make_folders, remove_empty
-from .folders import ImageIndex, decode_index, index_paths, visible_files
+from .folders import ImageIndex, decode_index, index_paths, visible_images
 from .images import CANVAS_PX, IMAGE_SUFFIXES, ImageSet
 from .roots import MIRROR_ENV, data_root, mirror_source
 
@@ -104,7 +104,7 @@ class _FolderSource:
     def list(self) -> list[str]:
         # walked once: the cache key and the index then name the same files, even if the tree changes meanwhile
         if self._files is None:
-            self._files = [str(path) for path in visible_files(self.path)]
+            self._files = [str(path) for path in visible_images(self.path)]
         return self._files
 
     def read(self, relative: str) -> bytes:

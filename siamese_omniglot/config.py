@@ -60,21 +60,14 @@ class TrainConfig:
             raise ConfigError(f"unknown validation split {self.val_split!r}: choose one of {', '.join(VAL_SPLITS)}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "max_steps": self.max_steps is None or self.max_steps >= 1,
-            "val_pairs": self.val_pairs >= 10,
-            "val_trials": self.val_trials >= 1,
-            "log_every": self.log_every >= 1,
-            "width": self.width is None or self.width >= 1,
-            "widen": self.widen is None or self.widen >= 1,
-            "supersample": self.supersample >= 1,
-            "average_best": self.average_best >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}: must be positive")
+        least = {"epochs": 1, "batch_size": 1, "max_steps": 1, "val_pairs": 10, "val_trials": 1, "log_every": 1,
+                 "width": 1, "widen": 1, "supersample": 1, "average_best": 1}
+        for name, minimum in least.items():
+            value = getattr(self, name)
+            if value is None and name in ("max_steps", "width", "widen"):  # no limit, or the backbone's own
+                continue
+            if not value >= minimum:
+                raise ConfigError(f"invalid setting {name}={value!r}: must be at least {minimum}")
         if not 0 < self.lr < math.inf:  # NaN too
             raise ConfigError(f"invalid setting lr={self.lr!r}: must be a finite number > 0")
         for name in ("elastic", "weight_decay"):
@@ -83,6 +76,9 @@ class TrainConfig:
         for name in ("warmup_fraction", "min_lr_fraction", "within_alphabet"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"invalid setting {name}={getattr(self, name)!r}: must be between 0 and 1")
+        if not 0 < self.val_fraction < 1:  # some held out, some left to train on
+            raise ConfigError(f"invalid setting val_fraction={self.val_fraction!r}: must be between 0 and 1, both "
+                              "excluded")
         if not 0 < self.momentum < 1:  # Nesterov momentum needs some; 1 or more never forgets a gradient
             raise ConfigError(f"invalid setting momentum={self.momentum!r}: must be between 0 and 1, both excluded")
         if not -(2**63) <= self.seed < 2**63:  # torch.manual_seed takes 64 bits

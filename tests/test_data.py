@@ -268,12 +268,14 @@ def test_read_image_errors_name_the_path_and_problem(tmp_path):
         assert message in str(caught.value), name
 
 
-def test_decompression_bomb_is_refused(tmp_path):
+def test_decompression_bomb_is_refused_and_pillows_limit_left_to_the_process(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     Image.new("1", (9000, 9000), 1).save(path)
     assert path.stat().st_size < 100_000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a process's own choice: no limit
     with pytest.raises(DataError, match=r"bomb\.png: image too large \(more than 64,000,000 pixels\)"):
         read_image(path)
+    assert Image.MAX_IMAGE_PIXELS is None  # set to 64,000,000 for the whole process before
 
 
 def test_to_ink():
@@ -655,16 +657,16 @@ def test_split_validation_single_group_holds_out_classes():
 
 
 @pytest.mark.parametrize(
-    ("images", "fraction", "message"),
+    ("images", "fraction", "error", "message"),
     [
-        (synthetic_set([2] * 3, [0] * 3), 0.3, "3 classes are too few"),
-        (synthetic_set([2] * 4, [0, 1, 2, 3]), 0.9, "4 classes are too few to hold out validation classes: training "
-         "needs 2 classes to train on and 2 to validate, and this split leaves 0 and 4"),
-        (synthetic_set([2] * 8, [0] * 8), 1.0, "validation fraction must be between 0 and 1, got 1.0"),
+        (synthetic_set([2] * 3, [0] * 3), 0.3, DataError, "3 classes are too few"),
+        (synthetic_set([2] * 4, [0, 1, 2, 3]), 0.9, DataError, "4 classes are too few to hold out validation "
+         "classes: training needs 2 classes to train on and 2 to validate, and this split leaves 0 and 4"),
+        (synthetic_set([2] * 8, [0] * 8), 1.0, ConfigError, "validation fraction must be between 0 and 1, got 1.0"),
     ],
 )
-def test_split_validation_errors(images, fraction, message):
-    with pytest.raises(DataError, match=re.escape(message)):
+def test_split_validation_errors(images, fraction, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         split_validation(images, fraction, seed=0)
 
 

@@ -262,10 +262,16 @@ def test_wide_preset_trains_the_fast_network_with_more_channels(small: ImageSet,
     assert state["model"]["head.weight"].shape == (1, 512 * 3 * 3)
 
 
-@pytest.mark.parametrize("setting", ["width", "widen"])
-def test_width_and_widen_must_be_positive(setting: str) -> None:
-    with pytest.raises(ConfigError, match=f"invalid setting {setting}=0: must be positive"):
-        preset("fast", **{setting: 0})
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("width", 0, "width=0: must be at least 1"),
+    ("widen", 0, "widen=0: must be at least 1"),
+    ("val_pairs", 5, "val_pairs=5: must be at least 10"),  # "must be positive" before
+    ("val_fraction", 1.5, "val_fraction=1.5: must be between 0 and 1, both excluded"),  # refused by the split before
+    ("val_fraction", 0.0, "val_fraction=0.0: must be between 0 and 1, both excluded"),
+])
+def test_settings_out_of_range_are_refused_with_their_bound(setting: str, value: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"invalid setting {message}")):
+        preset("fast", **{setting: value})
 
 
 def test_a_misspelled_preset_setting_is_a_config_error() -> None:
@@ -342,7 +348,7 @@ def test_distortions_are_never_drawn_finer_than_the_images(small: ImageSet, tmp_
 
 
 def test_supersample_must_be_positive_and_old_checkpoints_resume_without_it() -> None:
-    with pytest.raises(ConfigError, match="invalid setting supersample=0: must be positive"):
+    with pytest.raises(ConfigError, match="invalid setting supersample=0: must be at least 1"):
         preset("fast", supersample=0)
     older = preset("fast").to_dict()
     del older["supersample"]

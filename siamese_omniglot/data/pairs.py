@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .images import ImageSet
 
 
@@ -57,7 +57,7 @@ def split_validation(images: ImageSet, fraction: float, seed: int) -> tuple[Imag
     two classes.
     """
     if not 0 < fraction < 1:
-        raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
+        raise ConfigError(f"validation fraction must be between 0 and 1, got {fraction}")
     generator = seeded_generator(seed, 7)
     num_groups = len(images.group_names)
     if num_groups >= 4:
@@ -89,7 +89,7 @@ def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet
     train on and holds out 2, to make validation pairs of, at least, whatever the fraction.
     """
     if not 0 < fraction < 1:
-        raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
+        raise ConfigError(f"validation fraction must be between 0 and 1, got {fraction}")
     start, count = images.class_ranges()
     if int(count.min()) < 4:
         raise DataError("an image split needs at least 4 images per class (2 to train on, 2 to validate)")
@@ -108,7 +108,7 @@ class PairSampler:
 
     def __init__(self, images: ImageSet, within_group: float = 0.5, device: torch.device | str = "cpu") -> None:
         if not 0 <= within_group <= 1:
-            raise DataError(f"within-alphabet negative probability must be in [0, 1], got {within_group}")
+            raise ConfigError(f"within-alphabet negative probability must be in [0, 1], got {within_group}")
         self.within_group = within_group
         starts, counts = images.class_ranges()
         small = int((counts < 2).sum())

@@ -99,12 +99,13 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     from their opacity), float images in 0–1 are scaled to 0–255, EXIF rotation is applied, and images of other
     sizes are fitted onto the canvas keeping their aspect ratio.
     """
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's notes on odd files ("Corrupt EXIF data", …) are not ours
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only: a bomb is refused before it decodes
+                if image.width * image.height > MAX_IMAGE_PIXELS:  # Pillow's own limit is a global of the process
+                    raise Image.DecompressionBombError
                 image.load()
                 return image_to_canvas(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -38,13 +38,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model; stored in every checkpoint."""
+    """Everything needed to rebuild a model; stored in every checkpoint.
+
+    The defaults are those of the first checkpoints, which stored fewer settings: :meth:`from_dict` fills in what
+    an older checkpoint leaves out. The named networks are :data:`BACKBONES` (``build_model(name)``).
+    """
 
     backbone: str = "fast"
     input_px: int = 40
-    width: int = 64  # channels of the fast backbone's first block
+    width: int = 64  # channels of the fast backbone's first block (BACKBONES["fast"]: 32)
     blocks: int = 4  # conv blocks of the fast backbone
-    normalize: bool = False  # L2-normalise embeddings (embedding objective)
+    normalize: bool = False  # L2-normalise embeddings (the classify objective)
     batch_norm: bool = True  # fast backbone: batch norm after each conv (off: exact multi-process equivalence)
     final_pool: bool = True  # fast backbone: max-pool after the last block too (off: keep its finer feature map)
     views: int = 1  # outside training, average embeddings over this many shifted views (see VIEW_SHIFTS)
@@ -281,9 +285,14 @@ class SiameseNetwork(nn.Module):
         return self.head((first - second).abs()).squeeze(-1)
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """Same-class logits [N] for two batches of ink images (batch-first; DataParallel-safe)."""
+        """Same-class logits [N] for two batches of N ink images (batch-first; DataParallel-safe); a batch of one
+        image is compared with each image of the other."""
+        sizes = [len(first), len(second)]
+        if sizes[0] != sizes[1] and 1 not in sizes:
+            raise DataError(f"forward takes two batches of as many images, or one image and a batch; got {sizes[0]} "
+                            f"and {sizes[1]}")
         both = self.embed(torch.cat([first, second]))
-        return self.score_embeddings(*both.split(first.shape[0]))
+        return self.score_embeddings(*both.split(sizes))
 
 
 BACKBONES = {
@@ -331,7 +340,7 @@ def build_model(name: str = "fast", pretrained: bool = False, **overrides) -> Si
 
 
 class CosineClassifier(nn.Module):
-    """Scaled cosine-similarity classifier over training classes (the embedding objective's head).
+    """Scaled cosine-similarity classifier over training classes (the classify objective's head).
 
     Normalised weights and features make class scores depend only on direction, which suits
     comparing embeddings by distance afterwards (Wang et al. 2018, "CosFace"; Chen et al. 2019).

@@ -80,6 +80,18 @@ def test_forward_is_batch_first_and_pairwise() -> None:
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_forward_compares_one_image_with_a_batch_either_way_and_refuses_other_sizes() -> None:
+    torch.manual_seed(0)
+    model = build_model("fast").eval()
+    one, three = ink(1, 28, seed=5), ink(3, 28, seed=6)
+    with torch.no_grad():
+        expected = model(one.expand(3, -1, -1, -1), three)
+        torch.testing.assert_close(model(one, three), expected)  # a TypeError from Python before
+        torch.testing.assert_close(model(three, one), expected)
+        with pytest.raises(DataError, match="forward takes two batches of as many images, .*; got 2 and 3"):
+            model(ink(2, 28), three)
+
+
 @pytest.mark.parametrize("size_px", [20, 28, 64, 105])
 def test_any_input_size_gives_the_same_shapes(size_px: int) -> None:
     model = build_model("fast").eval()

@@ -63,9 +63,9 @@ log = logging.getLogger(__name__)
 class Progress:
     """A progress report, emitted every ``log_every`` steps."""
 
-    step: int
+    step: int  # optimizer steps taken
     total_steps: int
-    epoch: int
+    epoch: int  # the epoch under way, from 0 (EpochMetrics.epoch counts the epochs ended, from 1)
     loss: float
     lr: float
     pairs_per_s: float
@@ -252,7 +252,7 @@ def warm_cosine(step: int, total: int, warmup_fraction: float, min_fraction: flo
 
 
 def calibrate_head(model: SiameseNetwork, embeddings: torch.Tensor, pairs: Pairs) -> None:
-    """Set the similarity head to a calibrated L1 distance (embedding objective).
+    """Set the similarity head to a calibrated L1 distance (classify objective).
 
     The head becomes ``logit = b − a · Σ|e1 − e2|``: two numbers fitted by logistic regression on fixed
     pairs of held-out alphabets (Platt scaling). Fitting all of the head's weights on a few thousand
@@ -378,9 +378,9 @@ class Trainer:
             ids = [device.index] if device.type != "cpu" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.objective = torch.compile(objective) if compile else objective
-        # distorted at `supersample` times the input size (no finer than the images themselves), then averaged down:
-        # strokes stay as sharp as in the area-resized images the model sees outside training, where resampling at
-        # 28 px would blur them
+        # distorted at `supersample` times the input size (at most the least multiple reaching the images' own size),
+        # then averaged down: strokes stay as sharp as in the area-resized images the model sees outside training,
+        # where resampling at 28 px would blur them
         input_px = self.model.config.input_px
         finest = math.ceil(train.pixels.shape[-1] / input_px)
         self.supersample = min(config.supersample, finest) if config.augment else 1

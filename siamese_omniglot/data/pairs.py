@@ -121,7 +121,8 @@ class PairSampler:
         self.num_classes = images.num_classes
 
     def sample(self, count: int, generator: torch.Generator) -> Pairs:
-        """``count`` same pairs followed by ``count`` different pairs, on the generator's device."""
+        """``count`` same pairs followed by ``count`` different pairs, on the sampler's device (drawn on the
+        generator's)."""
         classes = torch.randint(self.num_classes, (count,), generator=generator, device=generator.device)
         classes = classes.to(self.class_start.device)
         a, b = self._two_images(classes, generator)

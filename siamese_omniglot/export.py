@@ -85,7 +85,7 @@ class PixelEmbedding(nn.Module):
         self.embedding = model.embedding
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.embedding((255 - pixels.float()).div(255).unsqueeze(1))
+        return self.embedding(to_ink(pixels))
 
 
 class PairScorer(nn.Module):

@@ -11,14 +11,6 @@ from PIL import Image, ImageDraw
 _COLOURS = ((200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 80, 170))
 
 
-def line_chart(
-    series: dict[str, Sequence[float]], path: str | Path, title: str, x_label: str = "epoch",
-    size: tuple[int, int] = (720, 440),
-) -> Path:
-    """Draw one line per named series (x = 1, 2, …) with axes, ticks and a legend; save as PNG."""
-    return panel_chart({"": series}, path, title, x_label, size)
-
-
 def panel_chart(
     panels: dict[str, dict[str, Sequence[float]]],
     path: str | Path,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from siamese_omniglot.plots import _COLOURS, line_chart, panel_chart
+from siamese_omniglot.plots import _COLOURS, panel_chart
 
 
 def rows_in_colour(image: Image.Image, colour: tuple[int, int, int], columns: slice) -> np.ndarray:
@@ -30,8 +30,8 @@ def test_each_panel_has_its_own_scale(tmp_path: Path) -> None:
             assert (other > 60).sum() == 0  # the other panel's line stays in its own panel
 
 
-def test_line_chart_is_one_panel(tmp_path: Path) -> None:
-    path = line_chart({"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, float("nan")]}, tmp_path / "line.png", "one panel")
+def test_one_panel_spans_the_chart_and_draws_a_series_ending_in_nan(tmp_path: Path) -> None:
+    path = panel_chart({"": {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, float("nan")]}}, tmp_path / "line.png", "one panel")
     with Image.open(path) as image:
         assert image.size == (720, 440)
         for colour in _COLOURS[:2]:

@@ -197,4 +197,4 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def to_ink(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels [N, H, W] (255 = paper) → float ink [N, 1, H, W] in [0, 1] (1 = stroke)."""
-    return (255 - pixels).unsqueeze(1).float().div_(255)
+    return (255 - pixels.float()).div(255).unsqueeze(1)  # out of place, so that ONNX export traces it too

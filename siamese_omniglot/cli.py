@@ -7,7 +7,6 @@ Results go to standard output; progress, warnings and errors to standard error. 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ from .data.roots import DATA_ENV, DEFAULT_ROOT, MIRROR_ENV
 from .device_spec import DEVICE_SPEC_HELP, parse_device_spec
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
 from .ranks import defer_to_rank0, is_secondary_rank
+from .stdout import READER_GONE, ReaderGone, StandardOutput, json_text
 
 if TYPE_CHECKING:  # torch and what needs it are imported inside the commands, so --help answers at once
     from .data.omniglot import ProgressFn
@@ -41,7 +41,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True)
+out = Console(file=StandardOutput(), soft_wrap=True)  # results
 err = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("siamese_omniglot")
 
@@ -90,7 +90,8 @@ CheckpointOption = Annotated[
 
 def _print_version(asked: bool) -> None:
     if asked:
-        out.print(f"siamese-omniglot {__version__}", markup=False, highlight=False)
+        with _errors_as_exit():
+            out.print(f"siamese-omniglot {__version__}", markup=False, highlight=False)
         raise typer.Exit()
 
 
@@ -116,6 +117,8 @@ def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> I
             defer_to_rank0()
         err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
+    except ReaderGone:  # `siamese … | head -1`: what it wanted was shown
+        raise typer.Exit(READER_GONE) from None
     except KeyboardInterrupt:  # the process then ignores a second one (siamese_omniglot.__main__), a caller does not
         if not secondary:  # rank 0, or the command that launched the ranks, tells it
             err.print(interrupted, highlight=False)
@@ -346,23 +349,25 @@ def train(
             shutdown(context)
     if not context.is_main:
         return
-    candidates = [m for m in result.history if not m.paused]  # a pause's validation chooses no best.pt
-    if candidates:
-        best = max(candidates, key=lambda m: m.score)
-        summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
-        out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
-    else:
-        out.print("no best checkpoint yet: the first epoch ends after the pause", markup=False, highlight=False)
-    if result.averaged is not None:
-        epochs = " and ".join(map(str, result.averaged_epochs))
-        out.print(f"weights of epochs {epochs} averaged: {_summary_of(result.averaged)}", markup=False, highlight=False)
-    if result.best_with_views is not None:
-        val = result.best_with_views
-        out.print(f"with {val.views} views per image: {_summary_of(val)}", markup=False, highlight=False)
-    out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
-    if trainer.step < trainer.total_steps:
-        out.print(f"paused at step {trainer.step} of {trainer.total_steps}; continue with: siamese train --resume "
-                  f"{result.last_checkpoint}", markup=False, highlight=False)
+    with _errors_as_exit():  # the run is done: only a failed write of its summary remains
+        candidates = [m for m in result.history if not m.paused]  # a pause's validation chooses no best.pt
+        if candidates:
+            best = max(candidates, key=lambda m: m.score)
+            summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
+            out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
+        else:
+            out.print("no best checkpoint yet: the first epoch ends after the pause", markup=False, highlight=False)
+        if result.averaged is not None:
+            epochs = " and ".join(map(str, result.averaged_epochs))
+            out.print(f"weights of epochs {epochs} averaged: {_summary_of(result.averaged)}", markup=False,
+                      highlight=False)
+        if result.best_with_views is not None:
+            val = result.best_with_views
+            out.print(f"with {val.views} views per image: {_summary_of(val)}", markup=False, highlight=False)
+        out.print(f"last checkpoint: {result.last_checkpoint}", markup=False, highlight=False)
+        if trainer.step < trainer.total_steps:
+            out.print(f"paused at step {trainer.step} of {trainer.total_steps}; continue with: siamese train --resume "
+                      f"{result.last_checkpoint}", markup=False, highlight=False)
 
 
 def _check_writable(folder: Path, make: bool = False) -> None:
@@ -538,29 +543,29 @@ def evaluate(
             ]
             for path in drawn:
                 err.print(f"wrote {path}", markup=False, highlight=False)
-    report = {
-        "checkpoint": str(checkpoint),
-        "verification": verification.to_dict() | {"negatives": design.label},
-        "one_shot": episodes.to_dict() | {"seed": seed},
-        "lake_runs": official.to_dict() if official else None,
-    }
-    if as_json:
-        out.print_json(json.dumps(report))
-        return
-    where = f"{_counted(images.num_classes, 'class')} in {_counted(len(images.group_names), 'group')}"
-    table = Table(title=f"{escape(str(checkpoint))} on {where}")
-    for column in ("protocol", "trials", "accuracy", "95% interval / other"):
-        table.add_column(column)
-    table.add_row(
-        f"verification pairs ({design.label}, threshold {verification.threshold:.4f})", str(verification.pairs),
-        f"{verification.accuracy:.2%}", f"ROC AUC {verification.roc_auc:.4f}, EER {verification.eer:.2%}",
-    )
-    for result in filter(None, (episodes, official)):
+        report = {
+            "checkpoint": str(checkpoint),
+            "verification": verification.to_dict() | {"negatives": design.label},
+            "one_shot": episodes.to_dict() | {"seed": seed},
+            "lake_runs": official.to_dict() if official else None,
+        }
+        if as_json:
+            out.print(json_text(report), markup=False, highlight=False)
+            return
+        where = f"{_counted(images.num_classes, 'class')} in {_counted(len(images.group_names), 'group')}"
+        table = Table(title=f"{escape(str(checkpoint))} on {where}")
+        for column in ("protocol", "trials", "accuracy", "95% interval / other"):
+            table.add_column(column)
         table.add_row(
-            f"{result.protocol}, {result.way}-way {result.shot}-shot", str(result.trials),
-            f"{result.accuracy:.2%}", f"{result.ci_low:.2%} – {result.ci_high:.2%}",
+            f"verification pairs ({design.label}, threshold {verification.threshold:.4f})", str(verification.pairs),
+            f"{verification.accuracy:.2%}", f"ROC AUC {verification.roc_auc:.4f}, EER {verification.eer:.2%}",
         )
-    out.print(table)
+        for result in filter(None, (episodes, official)):
+            table.add_row(
+                f"{result.protocol}, {result.way}-way {result.shot}-shot", str(result.trials),
+                f"{result.accuracy:.2%}", f"{result.ci_low:.2%} – {result.ci_high:.2%}",
+            )
+        out.print(table)
 
 
 @app.command()
@@ -594,11 +599,11 @@ def compare(
             first_pixels, second_pixels = verifier.pixels([first, second]).numpy()
             compare_figure(first_pixels, second_pixels, result, plot, names=(first.name, second.name))
             err.print(f"wrote {plot}", markup=False, highlight=False)
-    if as_json:
-        out.print_json(json.dumps(result.to_dict()))
-        return
-    verdict = "[green]SAME[/green]" if result.same else "[yellow]DIFFERENT[/yellow]"
-    out.print(f"{verdict}  score {result.score:.4f}  (threshold {result.threshold:.4f})", highlight=False)
+        if as_json:
+            out.print(json_text(result.to_dict()), markup=False, highlight=False)
+            return
+        verdict = "[green]SAME[/green]" if result.same else "[yellow]DIFFERENT[/yellow]"
+        out.print(f"{verdict}  score {result.score:.4f}  (threshold {result.threshold:.4f})", highlight=False)
 
 
 @app.command()
@@ -633,29 +638,29 @@ def classify(
         verifier = Verifier.from_checkpoint(checkpoint, device)
         gallery = verifier.load_support(support, cache=cache, skip_bad_images=skip_bad_images)
         results = verifier.classify(queries, gallery, top_k=top_k)
-    how = "read from" if gallery.from_cache else "embedded, cached in" if gallery.cache_path else "embedded"
-    where = f" {gallery.cache_path}" if gallery.cache_path else ""
-    err.print(f"support {support}: {_counted(gallery.num_classes, 'class')}, {_counted(len(gallery), 'image')} "
-              f"({how}{where})",
-              markup=False, highlight=False)
-    if as_json:
-        report = {
-            "checkpoint": str(checkpoint),
-            "support": {"folder": str(support), "classes": gallery.num_classes, "images": len(gallery),
-                        "cache": str(gallery.cache_path) if gallery.cache_path else None,
-                        "from_cache": gallery.from_cache},
-            "threshold": verifier.threshold,
-            "results": [result.to_dict() for result in results],
-        }
-        out.print_json(json.dumps(report))
-        return
-    width = max(len(m.class_name) for result in results for m in result.matches)
-    for result in results:
-        out.print(result.query, markup=False, highlight=False)
-        for rank, match in enumerate(result.matches, 1):
-            verdict = "  [green]SAME[/green]" if match.same else ""
-            out.print(f"  {rank:>2}. {escape(match.class_name.ljust(width))}  {match.score:.4f}{verdict}",
-                      highlight=False)
+        how = "read from" if gallery.from_cache else "embedded, cached in" if gallery.cache_path else "embedded"
+        where = f" {gallery.cache_path}" if gallery.cache_path else ""
+        err.print(f"support {support}: {_counted(gallery.num_classes, 'class')}, {_counted(len(gallery), 'image')} "
+                  f"({how}{where})",
+                  markup=False, highlight=False)
+        if as_json:
+            report = {
+                "checkpoint": str(checkpoint),
+                "support": {"folder": str(support), "classes": gallery.num_classes, "images": len(gallery),
+                            "cache": str(gallery.cache_path) if gallery.cache_path else None,
+                            "from_cache": gallery.from_cache},
+                "threshold": verifier.threshold,
+                "results": [result.to_dict() for result in results],
+            }
+            out.print(json_text(report), markup=False, highlight=False)
+            return
+        width = max(len(m.class_name) for result in results for m in result.matches)
+        for result in results:
+            out.print(result.query, markup=False, highlight=False)
+            for rank, match in enumerate(result.matches, 1):
+                verdict = "  [green]SAME[/green]" if match.same else ""
+                out.print(f"  {rank:>2}. {escape(match.class_name.ljust(width))}  {match.score:.4f}{verdict}",
+                          highlight=False)
 
 
 @app.command()
@@ -682,20 +687,20 @@ def export(
             raise ConfigError(f"unknown export format {export_format!r}: only onnx is supported")
         checkpoint = checkpoint or default_checkpoint()
         result = export_onnx(Verifier.from_checkpoint(checkpoint, "cpu"), out_dir, opset=opset)
-    if as_json:
-        out.print_json(json.dumps({"checkpoint": str(checkpoint)} | result.to_dict()))
-        return
-    dim = result.embedding_dim
-    batches = " and ".join(map(str, result.check_batches))
-    for line in (
-        f"embedding: {result.embedding_path}  (pixels uint8 [batch, 105, 105] → embeddings float32 [batch, {dim}])",
-        f"scorer:    {result.scorer_path}  (first, second float32 [batch, {dim}] → logits, scores float32 [batch]; "
-        f"same when scores ≥ {result.threshold:.4f})",
-        f"onnxruntime vs PyTorch (float32, batches of {batches}): max abs difference {result.max_abs_diff:.2e} "
-        f"(embeddings {result.embedding_max_abs_diff:.2e}, scores {result.scorer_max_abs_diff:.2e}; "
-        f"limit {result.tolerance:.0e})",
-    ):
-        out.print(line, markup=False, highlight=False)
+        if as_json:
+            out.print(json_text({"checkpoint": str(checkpoint)} | result.to_dict()), markup=False, highlight=False)
+            return
+        dim = result.embedding_dim
+        batches = " and ".join(map(str, result.check_batches))
+        for line in (
+            f"embedding: {result.embedding_path}  (pixels uint8 [batch, 105, 105] → embeddings float32 [batch, {dim}])",
+            f"scorer:    {result.scorer_path}  (first, second float32 [batch, {dim}] → logits, scores float32 [batch]; "
+            f"same when scores ≥ {result.threshold:.4f})",
+            f"onnxruntime vs PyTorch (float32, batches of {batches}): max abs difference {result.max_abs_diff:.2e} "
+            f"(embeddings {result.embedding_max_abs_diff:.2e}, scores {result.scorer_max_abs_diff:.2e}; "
+            f"limit {result.tolerance:.0e})",
+        ):
+            out.print(line, markup=False, highlight=False)
 
 
 def _time_left(seconds: float) -> str:

@@ -151,12 +151,16 @@ def test_cli_export_errors_are_one_line(
     assert not (tmp_path / "onnx").exists()  # nor any of the folders made for it
 
 
-def test_cli_export_with_standard_output_closed_still_exports(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_export_with_standard_output_closed_writes_both_models_then_says_where_the_summary_went(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     code = "import sys; from siamese_omniglot.cli import main; sys.argv[0] = 'siamese'; main()"
     result = subprocess.run([sys.executable, "-c", code, "export", tiny_checkpoint, "--out", tmp_path / "onnx"],
                             stderr=subprocess.PIPE, text=True, timeout=600, preexec_fn=lambda: os.close(1))
-    assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [EMBEDDING_FILE, SCORER_FILE]
+    assert onnx.load(tmp_path / "onnx" / EMBEDDING_FILE).graph.node  # complete models
+    # as `ls >&-` fails to print its listing: the summary was lost with exit code 0 before
+    assert (result.returncode, result.stderr) == (2, "error: standard output is closed: the result has nowhere to go\n")
 
 
 def test_cli_export_where_a_model_file_is_a_folder_writes_neither(

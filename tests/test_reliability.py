@@ -41,6 +41,7 @@ from siamese_omniglot.data.omniglot import BACKGROUND, fetch_archive, find_split
 from siamese_omniglot.data.pairs import seeded_generator
 from siamese_omniglot.errors import ConfigError, DataError, OutputError
 from siamese_omniglot.models import build_model
+from siamese_omniglot.stdout import READER_GONE
 from siamese_omniglot.train import Trainer, warm_cosine
 
 CPU = torch.device("cpu")
@@ -1060,6 +1061,51 @@ def test_train_on_a_full_disk_fails_cleanly(tiny_tree: Path, tmp_path: Path, siz
         for name in written:
             assert load_checkpoint(out / name)["training"]["step"] == 5
         assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def siamese_into(stdout: int | None, *args: object, cwd: Path, close_after_a_line: bool = False) -> Run:
+    """The installed ``siamese`` with standard output on descriptor ``stdout`` (``None``: closed), or on a pipe
+    whose reader closes it after the first line (``close_after_a_line``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+    command = [SIAMESE, *map(str, args)]
+    if close_after_a_line:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env)
+        first = child.stdout.readline()
+        child.stdout.close()
+        stderr = child.stderr.read().decode()
+        return Run(child.wait(timeout=600), first.decode(), stderr)
+    if stdout is None:
+        command = ["sh", "-c", 'exec "$@" 1>&-', "sh", *command]
+    done = subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600, cwd=cwd, env=env)
+    return Run(done.returncode, "", done.stderr)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_result_standard_output_cannot_take_is_one_error_line(
+    drawing: Path, weights: Path, tmp_path: Path, as_json: bool
+) -> None:
+    compare = ("compare", drawing, drawing, "--checkpoint", weights, "--device", "cpu", *(["--json"] * as_json))
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:  # a traceback ending in "OSError: [Errno 28]" and exit code 1 before
+        assert_refused(siamese_into(full, *compare, cwd=tmp_path),
+                       "standard output: cannot write the result (No space left on device)")
+    finally:
+        os.close(full)
+    # the result was dropped with exit code 0 before
+    assert_refused(siamese_into(None, *compare, cwd=tmp_path), "standard output is closed")
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(drawing: Path, weights: Path, tmp_path: Path) -> None:
+    """``siamese classify … | head -1``: exit code 1 from Rich before, which no document named."""
+    for name in ("a", "b"):
+        (tmp_path / "support" / name).mkdir(parents=True)
+        shutil.copy(drawing, tmp_path / "support" / name / "one.png")
+    queries = [drawing] * 2000  # more lines than the pipe holds
+    run = siamese_into(None, "classify", *queries, "--support", tmp_path / "support", "--checkpoint", weights,
+                       "--device", "cpu", "--no-cache", cwd=tmp_path, close_after_a_line=True)
+    assert run.code == READER_GONE == 141
+    assert run.stdout == f"{drawing}\n"
+    assert run.stderr.startswith("support ") and len(run.stderr.splitlines()) == 1, run.stderr
 
 
 # --- downloads and archives -----------------------------------------------------------------------------

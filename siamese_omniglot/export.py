@@ -18,6 +18,7 @@ import contextlib
 import copy
 import inspect
 import json
+import math
 import numbers
 import os
 import sys
@@ -297,13 +298,19 @@ def _compare(ort, network: SiameseNetwork, embedding_path: Path, scorer_path: Pa
         pixels = check_pixels(batch, seed + 1)
         expected = network.embed(to_ink(pixels))
         (got,) = embed_session.run(None, {"pixels": pixels.numpy()})
-        embedding_diff = max(embedding_diff, float(np.abs(got - expected.numpy()).max()))
+        embedding_diff = max(embedding_diff, _difference(got, expected.numpy()))
         other = expected.roll(1, dims=0)  # pairs (i, i - 1); with a batch of 1, an image with itself
         logits = network.score_embeddings(expected, other)
         outputs = score_session.run(None, {"first": expected.numpy(), "second": other.numpy()})
         for output, reference in zip(outputs, (logits, torch.sigmoid(logits)), strict=True):
-            scorer_diff = max(scorer_diff, float(np.abs(output - reference.numpy()).max()))
+            scorer_diff = max(scorer_diff, _difference(output, reference.numpy()))
     return embedding_diff, scorer_diff
+
+
+def _difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference; infinite where a value is NaN on either side (``max`` would pass a NaN over)."""
+    difference = np.abs(got - expected)
+    return math.inf if bool(np.isnan(difference).any()) else float(difference.max())
 
 
 def _session(ort, path: Path):

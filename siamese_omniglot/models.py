@@ -35,6 +35,9 @@ from .errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+MOST_INPUT_PX = 1024  # far above the 105-px canvas every image is decoded to
+MOST_WEIGHTS = 1_000_000_000  # 4 GB of float32; the seed preset's VGG16 has 138 million
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -69,6 +72,8 @@ class ModelConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.input_px, int) or not 1 <= self.input_px <= MOST_INPUT_PX:
+            raise ConfigError(f"input_px={self.input_px!r}: the input size must be from 1 to {MOST_INPUT_PX} px")
         if not 0 <= self.frame <= 1:  # NaN too
             raise ConfigError(f"frame={self.frame!r}: the share of the input a character fills, from 0 (off) to 1")
 
@@ -119,23 +124,25 @@ class FastEmbedding(nn.Module):
             raise ConfigError(f"width={width} and widen={widen}: both must be at least 1")
         if blocks < 1:  # no block at all would be a linear model of the raw pixels
             raise ConfigError(f"blocks={blocks}: a network needs at least 1 block")
-        layers: list[nn.Module] = []
-        channels, size = 1, input_px
         pools = blocks if final_pool else blocks - 1  # the first `pools` blocks end in a max-pool
-        for block in range(blocks):
-            pool = block < pools
-            out = width * widen**block
-            layers += [
-                nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm),
-                nn.BatchNorm2d(out) if batch_norm else nn.Identity(),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2) if pool else nn.Identity(),
-            ]
-            channels, size = out, size // 2 if pool else size
-        if size < 1:
+        if pools >= input_px.bit_length():  # checked before anything is built: the maps would vanish
             raise ConfigError(f"{blocks} blocks need an input of at least {2**pools} px, got {input_px}")
+        widths = [width * widen**block for block in range(blocks)]
+        size = input_px >> pools
+        weights = sum(9 * before * after for before, after in pairwise([1, *widths])) + widths[-1] * size * size
+        if weights > MOST_WEIGHTS:  # the convolutions and the head on their output
+            raise ConfigError(f"width={width}, widen={widen}, blocks={blocks} at {input_px} px make {weights:,} "
+                              f"weights, more than {MOST_WEIGHTS:,}")
+        layers: list[nn.Module] = []
+        for block, (before, after) in enumerate(pairwise([1, *widths])):
+            layers += [
+                nn.Conv2d(before, after, 3, padding=1, bias=not batch_norm),
+                nn.BatchNorm2d(after) if batch_norm else nn.Identity(),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2) if block < pools else nn.Identity(),
+            ]
         self.features = nn.Sequential(*layers)
-        self.dim = channels * size * size
+        self.dim = widths[-1] * size * size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images).flatten(1)

@@ -79,12 +79,19 @@ class Verifier:
         try:
             config = ModelConfig.from_dict(state["model_config"])
             model = SiameseNetwork(replace(config, views=state.get("calibrated_views", config.views)))
-        except (SiameseError, TypeError, ValueError) as error:  # another version's or a hand-made config
-            raise CheckpointError(f"{path}: its model config cannot be built ({error})") from None
+        except (SiameseError, TypeError, ValueError, RuntimeError, MemoryError) as error:
+            # another version's config, a hand-made one, or one too large for this machine's memory
+            reason = str(error) or type(error).__name__
+            raise CheckpointError(f"{path}: its model config cannot be built ({reason})") from None
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as error:
             raise CheckpointError(f"{path}: weights do not fit its model config ({_mismatch(error)})") from None
+        broken = [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+        if broken:
+            raise CheckpointError(f"{path}: its weights are not finite (NaN or infinity in {broken[0]}); it scores "
+                                  "nothing, so use another checkpoint (a run's best.pt never holds such weights)")
         return cls(fold_batch_norm(model), float(state["threshold"]), device)
 
     def pixels(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:

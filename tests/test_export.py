@@ -4,6 +4,7 @@ check), take any batch size, carry the threshold, and the command reports its di
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -16,7 +17,7 @@ import torch
 
 from siamese_omniglot.data import to_ink
 from siamese_omniglot.errors import ConfigError, ExportError
-from siamese_omniglot.export import EMBEDDING_FILE, SCORER_FILE, OnnxExport, export_onnx
+from siamese_omniglot.export import EMBEDDING_FILE, SCORER_FILE, OnnxExport, _difference, export_onnx
 from siamese_omniglot.models import build_model
 from siamese_omniglot.verify import BUNDLED_CHECKPOINT, Verifier
 
@@ -207,3 +208,11 @@ def test_a_threshold_that_is_not_a_score_is_refused(threshold, tmp_path: Path) -
     with pytest.raises(ConfigError, match="is not a score between 0 and 1"):
         export_onnx(build_model("fast"), tmp_path / "onnx", threshold=threshold)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_nan_on_either_side_fails_the_check_against_pytorch() -> None:
+    """``max(0.0, nan)`` is 0.0: a model giving NaN passed the check with "max abs difference 0.00e+00" before."""
+    finite = np.array([[1.0, 2.0]], dtype=np.float32)
+    with_nan = np.array([[1.0, np.nan]], dtype=np.float32)
+    assert _difference(with_nan, finite) == _difference(finite, with_nan) == _difference(with_nan, with_nan) == math.inf
+    assert _difference(finite + 1e-6, finite) == pytest.approx(1e-6, rel=0.1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,6 +81,20 @@ def test_forward_is_batch_first_and_pairwise() -> None:
         alone = torch.stack([model(first[i : i + 1], second[i : i + 1])[0] for i in range(3)])
     assert together.shape == (3,)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"width": 10**6}, "width=1000000, widen=2, blocks=4 at 28 px make 378,000,081,000,000 weights, more than "
+     "1,000,000,000"),
+    ({"blocks": 50}, "50 blocks need an input of at least 562949953421312 px, got 28"),
+    ({"input_px": 10**6}, "input_px=1000000: the input size must be from 1 to 1024 px"),
+    ({"input_px": 0}, "input_px=0: the input size must be from 1 to 1024 px"),
+])
+def test_networks_no_memory_holds_are_refused_before_a_layer_is_built(settings: dict, message: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_model("fast", **settings)
+    assert time.monotonic() - started < 2  # blocks=50 allocated layers of many GB for minutes before
 
 
 def test_forward_compares_one_image_with_a_batch_either_way_and_refuses_other_sizes() -> None:

@@ -183,6 +183,25 @@ def test_weights_that_do_not_fit_the_config_are_a_checkpoint_error(checkpoint: P
         Verifier.from_checkpoint(broken, "cpu")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_a_checkpoint_error(checkpoint: Path, tmp_path: Path, value: float) -> None:
+    state = load_checkpoint(checkpoint)
+    name = next(name for name, tensor in state["model"].items() if tensor.is_floating_point())
+    state["model"][name].view(-1)[0] = value
+    broken = save_checkpoint(state, tmp_path / "broken.pt")
+    # compare said "score nan", and export's check passed NaN models, before
+    with pytest.raises(CheckpointError, match=re.escape(f"its weights are not finite (NaN or infinity in {name})")):
+        Verifier.from_checkpoint(broken, "cpu")
+
+
+def test_a_model_config_too_large_for_memory_is_a_checkpoint_error_at_once(checkpoint: Path, tmp_path: Path) -> None:
+    state = load_checkpoint(checkpoint)
+    state["model_config"]["width"] = 10**6
+    broken = save_checkpoint(state, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"its model config cannot be built \(width=1000000, .* weights, more "):
+        Verifier.from_checkpoint(broken, "cpu")  # a RuntimeError from torch's allocator before
+
+
 def test_unknown_device_is_a_device_error(checkpoint: Path) -> None:
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         Verifier.from_checkpoint(checkpoint, "tpu")

@@ -591,6 +591,8 @@ def compare(
             from .figures import check_png_name
 
             _check_writable(check_png_name(plot).parent)
+            if plot.exists() and any(image.exists() and plot.samefile(image) for image in (first, second)):
+                raise OutputError(f"{plot}: is an image being compared; --plot must name another file")
         verifier = Verifier.from_checkpoint(checkpoint or default_checkpoint(), device)
         result = verifier.compare(first, second)
         if plot is not None:

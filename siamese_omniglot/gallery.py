@@ -142,25 +142,29 @@ def load_support(
     folder = Path(folder).expanduser()
     entries = scan_support(folder)
     contents = {}
+    problems: list[str] = []  # the images left out, with skip_bad_images
     digest = hashlib.sha256(f"{CACHE_VERSION}\0{model_key}\n".encode())
     for name, relative in entries:
         try:
             data = (folder / relative).read_bytes()
         except OSError as error:
-            raise DataError(f"{folder / relative}: cannot read ({error.strerror})") from None
+            problem = f"{folder / relative}: cannot read ({error.strerror})"
+            if not skip_bad_images:
+                raise DataError(problem) from None
+            problems.append(problem)
+            continue
         contents[relative] = data
         digest.update(f"{name}\0{relative}\0{hashlib.sha256(data).hexdigest()}\n".encode())
     class_names, paths, labels = _classes_of(entries)
     prefix = f"support-v{CACHE_VERSION}-{model_key[:12]}-"
-    cache_path = folder / CACHE_DIR / f"{prefix}{digest.hexdigest()[:20]}.npz" if cache else None
+    cache_path = folder / CACHE_DIR / f"{prefix}{digest.hexdigest()[:20]}.npz" if cache and not problems else None
 
     if cache_path is not None and cache_path.is_file():
         embeddings = _read_cache(cache_path, paths, dim)
         if embeddings is not None:
             return Support(folder, class_names, paths, labels, embeddings, cache_path, True, model_key)
     canvases: dict[str, np.ndarray] = {}
-    problems: list[str] = []
-    for relative in paths:
+    for relative in filter(contents.__contains__, paths):
         try:
             canvases[relative] = decode_image(contents[relative], str(folder / relative))
         except DataError as error:

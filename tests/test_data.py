@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 import shutil
@@ -141,6 +142,14 @@ def test_modes_decode_to_white_paper_and_black_ink(name, image):
     assert int((pixels < 128).sum()) == 100
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_float_image_with_a_pixel_that_is_no_number_is_refused_not_read_as_black(value):
+    image = square_on_paper("F", 1.0, 0.0)
+    image.putpixel((50, 50), value)
+    with pytest.raises(DataError, match=r"^odd\.tiff: not a readable image \(its pixels hold NaN or infinity\)$"):
+        decode_image(encode(image, "TIFF"), "odd.tiff")  # all ink before: the 0-1 image was taken as 0-255
+
+
 def test_rgba_half_transparent_ink_is_composited_on_white():
     image = Image.new("RGBA", (105, 105), (0, 0, 0, 0))
     image.paste((0, 0, 0, 128), (10, 10, 20, 20))
@@ -254,8 +263,12 @@ def test_read_image_errors_name_the_path_and_problem(tmp_path):
     (tmp_path / "text.png").write_text("this is not an image\n")
     (tmp_path / "truncated.png").write_bytes(valid[: len(valid) // 2])
     (tmp_path / "folder.png").mkdir()
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
     cases = {
         "missing.png": "no such file",
+        "loop.png": "a symbolic link to no file",  # "no such file" before, for a file that is there
+        "dangling.png": "a symbolic link to no file",
         "folder.png": "is a directory",
         "empty.png": "empty file",
         "text.png": "not a readable image",

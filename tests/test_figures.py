@@ -107,6 +107,20 @@ def test_cli_compare_plot(tiny_checkpoint: Path, drawings: list[Path], run_siame
     assert_picture(tmp_path / "pair.png", COMPARE_PX)
 
 
+def test_cli_compare_plot_over_an_image_being_compared_is_refused(
+    tiny_checkpoint: Path, drawings: list[Path], run_siamese, tmp_path: Path
+) -> None:
+    first = tmp_path / "first.png"
+    first.write_bytes(drawings[0].read_bytes())
+    (tmp_path / "link.png").symlink_to(first)
+    for plot in (first, tmp_path / "link.png"):  # the drawing was replaced by the picture before
+        result = run_siamese("compare", first, drawings[1], "-c", tiny_checkpoint, "--device", "cpu", "--plot", plot,
+                             cwd=tmp_path)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == f"error: {plot}: is an image being compared; --plot must name another file\n"
+    assert first.read_bytes() == drawings[0].read_bytes()
+
+
 def test_cli_eval_plot(tiny_checkpoint: Path, mini_evaluation: Path, run_siamese, tmp_path: Path) -> None:
     options = ["--way", "5", "--trials", "40", "--pairs", "50", "--device", "cpu", "--json"]
     result = run_siamese("eval", tiny_checkpoint, "--data", mini_evaluation, *options, "--plot", tmp_path / "plots",

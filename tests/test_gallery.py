@@ -309,6 +309,29 @@ def test_unreadable_support_images_are_refused_or_skipped_as_asked(
         verifier.load_support(second, skip_bad_images=True)
 
 
+def test_support_images_that_cannot_be_read_from_disk_are_skipped_as_asked(
+    verifier: Verifier, alphabet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    support = five_shot_support(alphabet, tmp_path / "support")
+    locked = sorted(character_folders(support)[0].glob("*.png"))[0]
+    read_bytes = Path.read_bytes
+
+    def denied(path: Path) -> bytes:  # as chmod 000 makes a file for anyone but root
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DataError, match=re.escape(f"{locked}: cannot read (Permission denied)")):
+        verifier.load_support(support)
+    with caplog.at_level("WARNING", logger="siamese_omniglot"):
+        gallery = verifier.load_support(support, skip_bad_images=True)  # the same refusal before
+    assert caplog.messages == [f"{support}: skipping 1 unreadable images: {locked}: cannot read (Permission denied)"]
+    assert len(gallery) == 29 and str(locked.relative_to(support)) not in gallery.paths
+    assert gallery.cache_path is None and not (support / CACHE_DIR).exists()
+
+
 def test_cli_classify_skips_bad_images_when_asked(
     tiny_checkpoint: Path, alphabet: Path, run_siamese, tmp_path: Path
 ) -> None:

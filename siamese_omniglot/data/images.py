@@ -148,6 +148,8 @@ def _to_gray(image: Image.Image) -> Image.Image:
         high = 255 if top <= 255 else max(65535, top)
         return image.point(lambda value: value * (255 / high)).convert("L")
     if image.mode == "F":
+        if not np.isfinite(np.asarray(image)).all():  # a NaN passes every comparison: read as 0–255, then black
+            raise DataError("its pixels hold NaN or infinity")
         # float images mostly hold 0–1 (numpy, scientific tools); others are taken as gray levels 0–255
         return (image.point(lambda value: value * 255) if image.getextrema()[1] <= 1 else image).convert("L")
     rgba = image.convert("RGBA")
@@ -183,7 +185,8 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read and decode one image file (see :func:`decode_image`)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file")
+        broken = path.is_symlink()  # to a missing file, or to itself through a loop
+        raise DataError(f"{path}: {'a symbolic link to no file' if broken else 'no such file'}")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not an image file")
     try:

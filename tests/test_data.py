@@ -759,7 +759,7 @@ def test_pair_sampler_refuses_sets_that_cannot_make_both_kinds_of_pair(class_siz
 
 
 def test_pair_sampler_rejects_bad_probability(background_images):
-    with pytest.raises(DataError, match=r"must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\], got 1.5"):
         PairSampler(background_images, 1.5)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from siamese_omniglot.files import atomic_write
+
 
 def insert_row(path: str | Path, heading: str, row: str) -> None:
     """Add ``row`` after the last row of the first table below the line ``heading``."""
@@ -17,4 +19,5 @@ def insert_row(path: str | Path, heading: str, row: str) -> None:
     while index < len(lines) and lines[index].startswith("|"):
         index += 1
     lines.insert(index, row)
-    path.write_text("\n".join(lines) + "\n")
+    with atomic_write(path, "w") as file:  # a crash mid-write leaves the page as it was, not cut short
+        file.write("\n".join(lines) + "\n")

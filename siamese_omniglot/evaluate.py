@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .data.episodes import Episodes, LakeRuns
 from .data.images import to_ink
-from .data.omniglot import ProgressFn
 from .data.pairs import Pairs
 from .models import SiameseNetwork
+
+if TYPE_CHECKING:  # the download and cache module, for a type alone
+    from .data.omniglot import ProgressFn
 
 
 @torch.no_grad()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -82,6 +80,12 @@ class _ZipSource:
             if top is not None and parts and parts[0] == top:
                 parts = parts[1:]
             self._names["/".join(parts)] = name
+
+    def __enter__(self) -> _ZipSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._zip.close()
 
     def list(self) -> list[str]:
         return list(self._names)
@@ -156,40 +160,31 @@ def fetch_archive(
     made: list[Path] = []
     try:
         made = make_folders(root)
-        tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
-            dir=root, prefix=f".{filename}.", suffix=".part", delete=False
-        )
     except OSError as error:
-        remove_empty(made)
         raise DataError(f"{root}: cannot write the download there ({error.strerror or error})") from None
     target = root / filename
     source = mirror_source(mirror)
     try:
-        with tmp:
+        with atomic_write(target, suffix=".part") as file:
             if source and urllib.parse.urlparse(source).scheme not in ("http", "https", "ftp"):
                 local = Path(urllib.parse.urlparse(source).path if source.startswith("file:") else source)
                 if not (local / filename).is_file():
                     raise DataError(f"mirror {local} has no {filename}")
-                with open(local / filename, "rb") as file:
-                    _copy_stream(file, tmp, (local / filename).stat().st_size, filename, progress)
+                with open(local / filename, "rb") as copied:
+                    _copy_stream(copied, file, (local / filename).stat().st_size, filename, progress)
             else:
                 url = f"{(source or OFFICIAL_BASE_URL).rstrip('/')}/{filename}"
                 log.info("downloading %s", url)
                 try:
                     with urllib.request.urlopen(url, timeout=60) as response:
                         size = int(response.headers.get("Content-Length") or 0)
-                        _copy_stream(response, tmp, size, filename, progress)
+                        _copy_stream(response, file, size, filename, progress)
                 except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
                     raise DataError(
                         f"cannot download {url} ({getattr(error, 'reason', error)}); "
                         f"put {filename} in {root} or name a mirror with --mirror or ${MIRROR_ENV}"
                     ) from None
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o644)
-        os.replace(tmp.name, target)
     except BaseException as error:
-        Path(tmp.name).unlink(missing_ok=True)
         remove_empty(made)  # folders made for nothing are not left behind
         if isinstance(error, OSError):  # a full disk or a vanished folder while writing
             raise DataError(f"{target}: cannot write the download ({error.strerror or error})") from None
@@ -243,10 +238,10 @@ def load_split(
     try:
         if location.is_dir():
             inner = location / split.name
-            source = _FolderSource(inner if inner.is_dir() else location)
-        else:
-            source = _ZipSource(location, top=split.name)
-        return _load_cached(source, root, split.name, progress, check=split, skip_bad=skip_bad_images)
+            return _load_cached(_FolderSource(inner if inner.is_dir() else location), root, split.name, progress,
+                                check=split, skip_bad=skip_bad_images)
+        with _ZipSource(location, top=split.name) as source:
+            return _load_cached(source, root, split.name, progress, check=split, skip_bad=skip_bad_images)
     except DataError:
         if downloaded:  # never leave a bad download behind as if it were the data set
             location.unlink(missing_ok=True)

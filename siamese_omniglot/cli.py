@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from .config import PRESETS, preset
 from .data.roots import DATA_ENV, DEFAULT_ROOT, MIRROR_ENV
 from .device_spec import DEVICE_SPEC_HELP, parse_device_spec
 from .errors import ConfigError, OutputError, SiameseError, TrainingError
-from .ranks import defer_to_rank0, is_secondary_rank
+from .ranks import defer_to_rank0, is_secondary_rank, job_ranks
 from .stdout import READER_GONE, ReaderGone, StandardOutput, json_text
 
 if TYPE_CHECKING:  # torch and what needs it are imported inside the commands, so --help answers at once
@@ -306,7 +305,7 @@ def train(
             config = resume_config(resume, epochs=epochs, max_steps=max_steps, log_every=log_every)
             run_dir = out_dir or resume.parent
         _check_outside_data(run_dir, data, "--out")
-        if processes > 1 and "WORLD_SIZE" not in os.environ:
+        if processes > 1 and job_ranks() is None:  # this command launches the ranks
             device_kind_for_ranks(device)
             check_run_dir(run_dir, resume)
             with _progress_bar() as update:  # fetch and decode once, before the workers

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from . import devices
 from .errors import DeviceError
+from .ranks import job_ranks
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,10 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, tor
     Returns the context and this rank's device: ``LOCAL_RANK`` of the requested kind (sdaa, cuda) or the cpu.
     The collective backend comes from the device layer: tccl on sdaa, nccl on cuda, gloo on cpu.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    ranks = job_ranks()
+    if ranks is None or ranks.world_size <= 1:
         return DistributedContext(), devices.resolve_device(device_spec)
-    context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    context = DistributedContext(*ranks)
     kind = device_kind_for_ranks(device_spec)
     if kind == "cpu":
         device = torch.device("cpu")
@@ -126,7 +127,7 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistributedContext, tor
         devices.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend=devices.distributed_backend(device))
-    log.info("rank %d of %d on %s", context.rank, world_size, device)
+    log.info("rank %d of %d on %s", context.rank, context.world_size, device)
     return context, device
 
 

@@ -7,11 +7,30 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
+
+
+class JobRanks(NamedTuple):
+    """This process's place in a job: its rank, the job's process count, and its rank on this node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def job_ranks() -> JobRanks | None:
+    """Where this process stands in the job a launcher (``torch.distributed.run``) started it in, from the variables
+    the launcher sets; ``None`` for a process started on its own."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return JobRanks(int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def is_secondary_rank() -> bool:
     """Whether this process is a rank other than 0 of a multi-process job (by the launcher's environment)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+    ranks = job_ranks()
+    return ranks is not None and ranks.world_size > 1 and ranks.rank > 0
 
 
 def defer_to_rank0(grace_s: float = 5.0) -> None:

@@ -349,9 +349,8 @@ def train(
     if not context.is_main:
         return
     with _errors_as_exit():  # the run is done: only a failed write of its summary remains
-        candidates = [m for m in result.history if not m.paused]  # a pause's validation chooses no best.pt
-        if candidates:
-            best = max(candidates, key=lambda m: m.score)
+        best = result.best_epoch
+        if best is not None:
             summary = _validation_summary(best.val_one_shot, best.val_roc_auc, best.val_accuracy, best.threshold)
             out.print(f"best checkpoint: {result.best_checkpoint} ({summary})", markup=False, highlight=False)
         else:

@@ -167,6 +167,12 @@ class TrainResult:
     averaged: Validation | None = None
     averaged_epochs: tuple[int, ...] = ()
 
+    @property
+    def best_epoch(self) -> EpochMetrics | None:
+        """The epoch ``best.pt`` took its weights from: the highest validation score, the earlier of a tie, as
+        training chose it (a pause's validation aside); ``None`` before an epoch has ended."""
+        return max((m for m in self.history if not m.paused), key=lambda m: m.score, default=None)
+
 
 def default_out_dir() -> Path:
     """``logs/<timestamp>/``, as in the reference."""

@@ -730,12 +730,18 @@ def test_without_averaging_best_checkpoint_holds_the_best_epoch(small: ImageSet,
     trainer = Trainer(config, small, tmp_path / "run", CPU,
                       on_epoch=lambda m: weights.setdefault(m.epoch, copy.deepcopy(trainer.model.state_dict())))
     result = trainer.fit()
-    best_epoch = max(result.history, key=lambda m: m.score).epoch
+    best_epoch = result.best_epoch.epoch
     best = load_checkpoint(result.best_checkpoint)
     assert result.averaged is None and "averaged_epochs" not in best and best["training"]["top_epochs"] == []
     for name, tensor in best["model"].items():
         if name.startswith("embedding."):
             torch.testing.assert_close(tensor, weights[best_epoch][name])
+    # the earlier of a tie, and never a pause's validation, as training chooses
+    first, *_ = result.history
+    tied = replace(result, history=(replace(first, epoch=1), replace(first, epoch=2), replace(first, epoch=3,
+                                    val_one_shot=1.0, paused=True)))
+    assert tied.best_epoch.epoch == 1
+    assert replace(result, history=()).best_epoch is None
 
 
 def test_reference_presets_and_old_checkpoints_keep_the_best_epoch_alone() -> None:

@@ -40,8 +40,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(file=StandardOutput(), soft_wrap=True)  # results
-err = Console(stderr=True, soft_wrap=True)
+# emoji off: a name such as `x:smile:.png` is shown as it is
+out = Console(file=StandardOutput(), soft_wrap=True, emoji=False)  # results
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 log = logging.getLogger("siamese_omniglot")
 
 DataOption = Annotated[

@@ -30,7 +30,7 @@ class StandardOutput(io.TextIOBase):
     that Rich would print as a traceback or turn into exit code 1 itself."""
 
     def write(self, text: str) -> int:
-        return _guarded(lambda stream: stream.write(text))
+        return _guarded(lambda stream: _write_encodable(stream, text))
 
     def flush(self) -> None:
         _guarded(lambda stream: stream.flush())
@@ -59,6 +59,16 @@ def _guarded(operation: Callable[[io.TextIOBase], _T]) -> _T:
         if isinstance(error, BrokenPipeError):
             raise ReaderGone from None
         raise OutputError(f"standard output: cannot write the result ({error.strerror or error})") from None
+
+
+def _write_encodable(stream: io.TextIOBase, text: str) -> int:
+    try:
+        return stream.write(text)
+    except UnicodeEncodeError:  # a strict stream (PYTHONIOENCODING=utf-8:strict): a file name's undecodable bytes
+        # as \xNN, as error messages show them, and what the encoding lacks as \uNNNN
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        shown = _SURROGATE.sub(lambda match: f"\\x{ord(match.group()) - 0xDC00:02x}", text)
+        return stream.write(shown.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def _discard_stdout() -> None:

@@ -170,7 +170,9 @@ class TrainResult:
     @property
     def best_epoch(self) -> EpochMetrics | None:
         """The epoch ``best.pt`` took its weights from: the highest validation score, the earlier of a tie, as
-        training chose it (a pause's validation aside); ``None`` before an epoch has ended."""
+        training chose it (a pause's validation aside); ``None`` before an epoch has ended. A run resumed from a
+        lone ``last.pt`` (no ``best.pt`` beside it) starts its ``best.pt`` anew from there, whatever earlier epoch
+        this names."""
         return max((m for m in self.history if not m.paused), key=lambda m: m.score, default=None)
 
 

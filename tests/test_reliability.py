@@ -1108,6 +1108,31 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(drawing: Path, w
     assert run.stderr.startswith("support ") and len(run.stderr.splitlines()) == 1, run.stderr
 
 
+def test_names_reach_standard_output_as_they_are_under_any_encoding(
+    drawing: Path, weights: Path, tmp_path: Path
+) -> None:
+    """Rich read ``:smile:`` in a name as an emoji, and a strict standard output refused a name's undecodable bytes
+    with a traceback."""
+    for name in ("c:smile:", "d"):
+        (tmp_path / "support" / name).mkdir(parents=True)
+        shutil.copy(drawing, tmp_path / "support" / name / "one.png")
+    query = Path(os.fsdecode(bytes(tmp_path) + b"/q:smile:\xe9.png"))
+    shutil.copy(drawing, query)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+    classify = [SIAMESE, "classify", query, "--support", tmp_path / "support", "--checkpoint", weights, "--device",
+                "cpu", "--no-cache", "-k", "2"]
+    shown = subprocess.run(classify, capture_output=True, env=env | {"PYTHONIOENCODING": "utf-8:strict"}, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr.decode()
+    lines = shown.stdout.decode("utf-8").splitlines()
+    assert lines[0] == f"{tmp_path}/q:smile:\\xe9.png"  # as error messages show such bytes
+    assert {line.split()[1] for line in lines[1:]} == {"c:smile:", "d"}
+    as_json = subprocess.run([*classify, "--json"], capture_output=True, env=env, cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr.decode()
+    report = json.loads(as_json.stdout.decode("utf-8"))
+    assert report["results"][0]["query"] == str(query)
+    assert {match["class"] for match in report["results"][0]["matches"]} == {"c:smile:", "d"}
+
+
 # --- downloads and archives -----------------------------------------------------------------------------
 
 

@@ -88,6 +88,11 @@ CheckpointOption = Annotated[
 ]
 
 
+def _print_json(data: dict) -> None:
+    """A command's result as one JSON object on standard output (see :func:`siamese_omniglot.stdout.json_text`)."""
+    out.print(json_text(data), markup=False, highlight=False)
+
+
 def _print_version(asked: bool) -> None:
     if asked:
         with _errors_as_exit():
@@ -549,7 +554,7 @@ def evaluate(
             "lake_runs": official.to_dict() if official else None,
         }
         if as_json:
-            out.print(json_text(report), markup=False, highlight=False)
+            _print_json(report)
             return
         where = f"{_counted(images.num_classes, 'class')} in {_counted(len(images.group_names), 'group')}"
         table = Table(title=f"{escape(str(checkpoint))} on {where}")
@@ -601,7 +606,7 @@ def compare(
             compare_figure(first_pixels, second_pixels, result, plot, names=(first.name, second.name))
             err.print(f"wrote {plot}", markup=False, highlight=False)
         if as_json:
-            out.print(json_text(result.to_dict()), markup=False, highlight=False)
+            _print_json(result.to_dict())
             return
         verdict = "[green]SAME[/green]" if result.same else "[yellow]DIFFERENT[/yellow]"
         out.print(f"{verdict}  score {result.score:.4f}  (threshold {result.threshold:.4f})", highlight=False)
@@ -653,7 +658,7 @@ def classify(
                 "threshold": verifier.threshold,
                 "results": [result.to_dict() for result in results],
             }
-            out.print(json_text(report), markup=False, highlight=False)
+            _print_json(report)
             return
         width = max(len(m.class_name) for result in results for m in result.matches)
         for result in results:
@@ -689,7 +694,7 @@ def export(
         checkpoint = checkpoint or default_checkpoint()
         result = export_onnx(Verifier.from_checkpoint(checkpoint, "cpu"), out_dir, opset=opset)
         if as_json:
-            out.print(json_text({"checkpoint": str(checkpoint)} | result.to_dict()), markup=False, highlight=False)
+            _print_json({"checkpoint": str(checkpoint)} | result.to_dict())
             return
         dim = result.embedding_dim
         batches = " and ".join(map(str, result.check_batches))

@@ -128,13 +128,14 @@ class FastEmbedding(nn.Module):
         if pools >= input_px.bit_length():  # checked before anything is built: the maps would vanish
             raise ConfigError(f"{blocks} blocks need an input of at least {2**pools} px, got {input_px}")
         widths = [width * widen**block for block in range(blocks)]
+        convolutions = list(pairwise([1, *widths]))  # each block's channels in and out
         size = input_px >> pools
-        weights = sum(9 * before * after for before, after in pairwise([1, *widths])) + widths[-1] * size * size
+        weights = sum(9 * before * after for before, after in convolutions) + widths[-1] * size * size
         if weights > MOST_WEIGHTS:  # the convolutions and the head on their output
             raise ConfigError(f"width={width}, widen={widen}, blocks={blocks} at {input_px} px make {weights:,} "
                               f"weights, more than {MOST_WEIGHTS:,}")
         layers: list[nn.Module] = []
-        for block, (before, after) in enumerate(pairwise([1, *widths])):
+        for block, (before, after) in enumerate(convolutions):
             layers += [
                 nn.Conv2d(before, after, 3, padding=1, bias=not batch_norm),
                 nn.BatchNorm2d(after) if batch_norm else nn.Identity(),

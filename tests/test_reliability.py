@@ -108,9 +108,14 @@ def run_cli(*args: object, cwd: Path, timeout_s: float = 300) -> Run:
     return result
 
 
+def console_env() -> dict[str, str]:
+    """This process's environment for the installed ``siamese``: no ``SIAMESE_*`` setting, one thread."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+
+
 def run_console_script(*args: object, cwd: Path) -> Run:
     """The installed ``siamese`` console script, in a fresh interpreter."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+    env = console_env()
     done = subprocess.run([SIAMESE, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
     return Run(done.returncode, done.stdout, done.stderr)
 
@@ -1066,7 +1071,7 @@ def test_train_on_a_full_disk_fails_cleanly(tiny_tree: Path, tmp_path: Path, siz
 def siamese_into(stdout: int | None, *args: object, cwd: Path, close_after_a_line: bool = False) -> Run:
     """The installed ``siamese`` with standard output on descriptor ``stdout`` (``None``: closed), or on a pipe
     whose reader closes it after the first line (``close_after_a_line``)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+    env = console_env()
     command = [SIAMESE, *map(str, args)]
     if close_after_a_line:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env)
@@ -1118,7 +1123,7 @@ def test_names_reach_standard_output_as_they_are_under_any_encoding(
         shutil.copy(drawing, tmp_path / "support" / name / "one.png")
     query = Path(os.fsdecode(bytes(tmp_path) + b"/q:smile:\xe9.png"))
     shutil.copy(drawing, query)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAMESE_")} | {"OMP_NUM_THREADS": "1"}
+    env = console_env()
     classify = [SIAMESE, "classify", query, "--support", tmp_path / "support", "--checkpoint", weights, "--device",
                 "cpu", "--no-cache", "-k", "2"]
     shown = subprocess.run(classify, capture_output=True, env=env | {"PYTHONIOENCODING": "utf-8:strict"}, cwd=tmp_path)

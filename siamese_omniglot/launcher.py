@@ -11,13 +11,17 @@ in a temporary folder removed at the end: torch's launcher leaves a ``torchelast
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 
+import torch.distributed.elastic.rendezvous.registry as rendezvous_registry
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
 from torch.distributed.run import get_args_parser
 from torch.distributed.run import main as run_launcher
 
@@ -36,18 +40,41 @@ def main(argv: list[str]) -> int:
 
 def _run(argv: list[str]) -> int:
     """``torch.distributed.run`` with ``argv``; returns the job's exit code."""
-    try:
-        run_launcher(argv)
-    except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
-        if failure.exitcode >= 0:
-            return failure.exitcode
-        name = signal.Signals(-failure.exitcode).name
-        print(f"error: rank {rank} of the training job was killed by {name}", file=sys.stderr)
-        return 128 - failure.exitcode
-    except SignalException as stopped:
-        return 128 + int(stopped.sigval)
+    with _rendezvous_handlers() as handlers:
+        try:
+            run_launcher(argv)
+        except ChildFailedError as failed:
+            rank, failure = failed.get_first_failure()
+            if failure.exitcode >= 0:
+                return failure.exitcode
+            name = signal.Signals(-failure.exitcode).name
+            print(f"error: rank {rank} of the training job was killed by {name}", file=sys.stderr)
+            return 128 - failure.exitcode
+        except SignalException as stopped:
+            # stopped by a signal, torch's launcher leaves the rendezvous open, and each handler's heartbeat thread
+            # running: a handler freed in that thread, as the race may fall, stops the thread from itself, and an
+            # ignored "cannot join current thread" traceback lands on stderr. Stopped here, from this thread.
+            for handler in handlers:
+                getattr(handler, "_stop_heartbeats", lambda: None)()
+            return 128 + int(stopped.sigval)
     return 0
+
+
+@contextlib.contextmanager
+def _rendezvous_handlers() -> Iterator[list[RendezvousHandler]]:
+    """The rendezvous handlers torch's launcher makes meanwhile, in a list that grows as it makes them."""
+    made: list[RendezvousHandler] = []
+    make = rendezvous_registry.get_rendezvous_handler
+
+    def recorded(params: RendezvousParameters) -> RendezvousHandler:
+        made.append(make(params))
+        return made[-1]
+
+    rendezvous_registry.get_rendezvous_handler = recorded
+    try:
+        yield made
+    finally:
+        rendezvous_registry.get_rendezvous_handler = make
 
 
 if __name__ == "__main__":

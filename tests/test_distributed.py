@@ -123,6 +123,39 @@ def test_a_worker_killed_without_a_word_is_named_by_the_launcher(tmp_path):
                                                                     "SIGKILL\n")
 
 
+SLOW_HEARTBEAT_LAUNCHER = """
+import sys, threading, time
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+from siamese_omniglot import launcher
+
+keep_alive = DynamicRendezvousHandler._keep_alive
+
+def slow_keep_alive(handler):  # a store far away: each heartbeat holds its handler for seconds
+    time.sleep(4)
+    keep_alive(handler)
+
+DynamicRendezvousHandler._keep_alive = slow_keep_alive
+code = launcher.main(sys.argv[1:])
+print(*sorted(thread.name for thread in threading.enumerate()))
+sys.exit(code)
+"""
+
+
+def test_a_launcher_stopped_by_a_signal_stops_its_rendezvous_heartbeat_before_it_returns(tmp_path):
+    # left running, the heartbeat thread could free the handler, stop itself through it and print a traceback (CI saw
+    # one, "RuntimeError: cannot join current thread"); a slow heartbeat holds the handler most of the time
+    worker = tmp_path / "worker.py"
+    worker.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    command = [sys.executable, "-c", SLOW_HEARTBEAT_LAUNCHER, "--standalone", "--nproc-per-node=1",
+               "--rdzv-conf=keep_alive_interval=1", str(worker)]
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert launcher.stdout.readline() == "ready\n"
+    time.sleep(2)  # a heartbeat or two
+    launcher.send_signal(signal.SIGTERM)
+    told, stderr = launcher.communicate(timeout=120)
+    assert (launcher.returncode, told, stderr) == (128 + signal.SIGTERM, "MainThread\n", "")
+
+
 @pytest.mark.parametrize("asked", ["options", "variables"])
 def test_the_launcher_keeps_the_worker_logs_asked_for(tmp_path, asked):
     worker = tmp_path / "worker.py"

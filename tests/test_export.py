@@ -137,9 +137,10 @@ def test_cli_export_without_a_checkpoint_exports_the_bundled_model(run_siamese, 
         (["CHECKPOINT", "--out", "onnx", "--format", "tflite"], (), "unknown export format 'tflite'"),
         (["CHECKPOINT", "--out", "onnx"], ("onnxruntime",), "pip install 'siamese-omniglot[onnx]'"),
         (["CHECKPOINT", "--out", "onnx", "--opset", "15"], (), "frames its input needs ONNX opset 16 or later, not 15"),
-        (["CHECKPOINT", "--out", "onnx/deeper/still", "--opset", "99"], (), "cannot export to ONNX opset 99"),
+        (["CHECKPOINT", "--out", "onnx/deeper/still", "--opset", "99"], (), "ONNX opset 99 is newer than the "),
+        (["CHECKPOINT", "--out", "onnx", "--opset", "99999999999"], (), "ONNX opset 99999999999 is newer than the "),
     ],
-    ids=["unknown-format", "no-onnxruntime", "framing-below-opset-16", "unknown-opset"],
+    ids=["unknown-format", "no-onnxruntime", "framing-below-opset-16", "unknown-opset", "opset-past-a-c-int"],
 )
 def test_cli_export_errors_are_one_line(
     args: list[str], blocked: tuple[str, ...], message: str, tiny_checkpoint: Path, run_siamese, tmp_path: Path

@@ -4,7 +4,7 @@ while it loads ends as one in a command does (``interrupted``, exit code 130), n
 import signal
 import sys
 
-INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C
+from .errors import INTERRUPTED
 
 
 def main() -> None:

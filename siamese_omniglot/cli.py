@@ -25,7 +25,7 @@ from . import __version__
 from .config import PRESETS, preset
 from .data.roots import DATA_ENV, DEFAULT_ROOT, MIRROR_ENV
 from .device_spec import DEVICE_SPEC_HELP, parse_device_spec
-from .errors import ConfigError, OutputError, SiameseError, TrainingError
+from .errors import INTERRUPTED, ConfigError, OutputError, SiameseError, TrainingError
 from .ranks import defer_to_rank0, is_secondary_rank, job_ranks
 from .stdout import READER_GONE, ReaderGone, StandardOutput, json_text
 
@@ -127,7 +127,7 @@ def _errors_as_exit(interrupted: str = "interrupted", ranked: bool = False) -> I
     except KeyboardInterrupt:  # the process then ignores a second one (siamese_omniglot.__main__), a caller does not
         if not secondary:  # rank 0, or the command that launched the ranks, tells it
             err.print(interrupted, highlight=False)
-        raise typer.Exit(130) from None
+        raise typer.Exit(INTERRUPTED) from None
 
 
 @contextlib.contextmanager

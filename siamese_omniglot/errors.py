@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C: 128 + SIGINT, as the shell reports one
+
 
 class SiameseError(Exception):
     """Base class of every error this library raises on purpose."""

@@ -55,15 +55,18 @@ def visible_images(root: Path) -> list[PurePosixPath]:
             try:
                 str(path).encode()
             except UnicodeEncodeError:
-                shown = os.fsencode(root / path).decode(errors="backslashreplace")
-                raise DataError(f"{shown}: the file name is not valid UTF-8; rename it") from None
+                raise DataError(f"{_shown(root / path)}: the file name is not valid UTF-8; rename it") from None
             found.append(PurePosixPath(path.as_posix()))
     return sorted(found)
 
 
 def _unlisted(error: OSError) -> None:
-    shown = os.fsencode(error.filename).decode(errors="backslashreplace")
-    raise DataError(f"{shown}: cannot list this folder ({error.strerror or error})")
+    raise DataError(f"{_shown(error.filename)}: cannot list this folder ({error.strerror or error})")
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """``path`` as a message shows it: bytes that are not UTF-8 as ``\\xNN``."""
+    return os.fsencode(path).decode(errors="backslashreplace")
 
 
 def index_paths(paths: Sequence[str], source: str) -> ImageIndex:

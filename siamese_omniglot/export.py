@@ -158,9 +158,10 @@ def export_onnx(
         raise ConfigError(f"threshold {threshold!r} is not a score between 0 and 1")
     threshold = float(threshold)
     onnx, ort = _onnx_modules()
-    if opset > onnx.defs.onnx_opset_version():  # torch's exporter garbles a number past a C int's range
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:  # torch's exporter garbles a number past a C int's range
         raise ExportError(f"ONNX opset {opset} is newer than the installed onnx {onnx.__version__} knows (opset "
-                          f"{onnx.defs.onnx_opset_version()} at most)")
+                          f"{newest} at most)")
     if model.config.frame and opset < FRAMING_OPSET:
         # framing sums sampling weights with a scatter-add, which ONNX has only from opset 16 (ScatterElements)
         raise ExportError(f"a model that frames its input needs ONNX opset {FRAMING_OPSET} or later, not {opset}")
